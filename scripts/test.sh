@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, then runs the whole suite (CPU only, real components).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/python -m pytest -q tests "$@"

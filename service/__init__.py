@@ -1,0 +1,1 @@
+"""The HTTP gateway (FastAPI), installed as ``ctxcache.service``."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: the real packaged model is loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """SmolLM2-135M-Instruct in float32 on CPU — the real model, not a stand-in."""
+    import torch
+
+    from ctxcache.engine import Engine
+
+    torch.manual_seed(0)
+    return Engine.load("smollm2-135m-instruct", device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines():
+    """Random-weight miniatures of two architectures (Llama, Qwen2 with q/k/v bias)."""
+    from ctxcache.engine import Engine
+
+    return {name: Engine.load(f"random:{name}") for name in ("tiny-llama", "tiny-qwen2")}
