@@ -50,6 +50,7 @@ class ModelSpec:
     hidden_size: int
     vocab_size: int
     max_positions: int
+    intermediate_size: int = 0
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elt = torch.empty((), dtype=dtype).element_size()
@@ -88,6 +89,7 @@ class Engine:
             hidden_size=cfg.hidden_size,
             vocab_size=self.embed_tokens.num_embeddings,
             max_positions=getattr(cfg, "max_position_embeddings", 1 << 30),
+            intermediate_size=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
         )
         self.scaling = self.layers[0].self_attn.scaling
         self.device = self.embed_tokens.weight.device
