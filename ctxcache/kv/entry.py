@@ -79,10 +79,10 @@ class StoredEntry:
         stats = {n[5:]: x for n, x in t.items() if n.startswith("stat.")}
         return ChunkEntry(self.meta, KVCache(k, v, t["positions"]), t["token_ids"], stats)
 
-    def to(self, device: torch.device | str, pin: bool = False) -> "StoredEntry":
+    def to(self, device: torch.device | str, pin: bool = False, copy: bool = False) -> "StoredEntry":
         out = {}
         for n, x in self.tensors.items():
-            y = x.to(device)
+            y = x.to(device, copy=copy and not pin)
             if pin and y.device.type == "cpu":
                 y = y.pin_memory()
             out[n] = y

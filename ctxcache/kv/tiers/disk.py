@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ctxcache.kv.entry import StoredEntry
-from ctxcache.kv.serialize import CorruptEntryError, pack, unpack
+from ctxcache.kv.serialize import CorruptEntryError, read_from, write_to
 from ctxcache.kv.tiers.base import Tier, TierUnavailableError
 
 SUFFIX = ".kv"
@@ -53,25 +53,22 @@ class DiskTier(Tier):
     def get(self, skey: str) -> StoredEntry | None:
         path = self._path(skey)
         try:
-            data = path.read_bytes()
+            return read_from(path)
         except FileNotFoundError:
             return None
         except OSError as e:
             raise TierUnavailableError(f"disk read failed: {e}") from e
-        try:
-            return unpack(data)
         except CorruptEntryError:
             self.delete(skey)
             raise
 
     def put(self, skey: str, entry: StoredEntry) -> int:
         path = self._path(skey)
-        data = pack(entry)
         tmp = path.with_name(path.name + TMP_MARK + uuid.uuid4().hex)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(data)
+                size = write_to(f, entry)
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
@@ -82,7 +79,7 @@ class DiskTier(Tier):
             except OSError:
                 pass
             raise TierUnavailableError(f"disk write failed: {e}") from e
-        return len(data)
+        return size
 
     def delete(self, skey: str) -> None:
         try:

@@ -13,6 +13,8 @@ from ctxcache.kv.tiers.base import Tier
 
 
 class MemoryTier(Tier):
+    """Entries returned by ``get`` are shared with the tier: treat them as read-only."""
+
     persistent = False
 
     def __init__(self, capacity_bytes: int, device: str = "cpu", pin: bool | None = None):
@@ -28,7 +30,8 @@ class MemoryTier(Tier):
             return self._data.get(skey)
 
     def put(self, skey: str, entry: StoredEntry) -> int:
-        moved = entry.to(self.device, pin=self.pin)
+        # always an owned copy: the caller may reuse or modify its tensors afterwards
+        moved = entry.to(self.device, pin=self.pin, copy=True)
         with self._lock:
             self._data[skey] = moved
         return moved.nbytes

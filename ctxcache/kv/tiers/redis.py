@@ -49,13 +49,18 @@ class RedisTier(Tier):
         try:
             if any(p is None for p in parts):
                 raise CorruptEntryError("missing parts")
-            return unpack(b"".join(parts))
+            buf = bytearray(sum(len(p) for p in parts))  # one copy; tensors become views of it
+            off = 0
+            for p in parts:
+                buf[off: off + len(p)] = p
+                off += len(p)
+            return unpack(buf)
         except (CorruptEntryError, ValueError, KeyError) as e:
             self.delete(skey)
             raise CorruptEntryError(str(e)) from e
 
     def put(self, skey: str, entry: StoredEntry) -> int:
-        data = pack(entry)
+        data = memoryview(pack(entry))
         base = self._k(skey)
         n = max(1, -(-len(data) // self.part_bytes))
         try:
