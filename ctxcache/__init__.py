@@ -6,20 +6,24 @@ The core library is importable without the web service's dependencies.
 """
 
 from ctxcache.errors import (
+    ChunkMismatchError,
     CtxCacheError,
     InvalidInputError,
     KVMismatchError,
     ModelLoadError,
+    UnknownChunkError,
     UnknownModelError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChunkMismatchError",
     "CtxCacheError",
     "InvalidInputError",
     "KVMismatchError",
     "ModelLoadError",
+    "UnknownChunkError",
     "UnknownModelError",
     "__version__",
 ]

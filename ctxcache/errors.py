@@ -24,3 +24,11 @@ class ModelLoadError(CtxCacheError, RuntimeError):
 
 class KVMismatchError(CtxCacheError, ValueError):
     """Cached K/V that does not fit the request: wrong model shape, length/position mismatch."""
+
+
+class UnknownChunkError(CtxCacheError, LookupError):
+    """A prompt names a chunk cache key that this tenant cannot see (absent, evicted, foreign)."""
+
+
+class ChunkMismatchError(KVMismatchError):
+    """A cached chunk exists but was computed by another model or does not match its tokens."""

@@ -56,8 +56,9 @@ class DecodeBuffer:
         self.capacity = capacity
         self.length = 0
         self.next_position = 0
+        self.bias: Tensor | None = None  # per-key additive attention bias (APE), or None
 
-    def load(self, kv: KVCache) -> None:
+    def load(self, kv: KVCache, key_bias: Tensor | None = None) -> None:
         n = kv.num_tokens
         if n > self.capacity:
             raise InvalidInputError(f"KV of {n} tokens exceeds buffer capacity {self.capacity}")
@@ -65,6 +66,11 @@ class DecodeBuffer:
         self.v[:, :, :n].copy_(kv.v)
         self.length = n
         self.next_position = int(kv.positions.max()) + 1 if n else 0
+        if key_bias is not None:
+            self.bias = torch.zeros(self.capacity, dtype=self.k.dtype, device=self.k.device)
+            self.bias[:n] = key_bias.to(self.k.device, self.k.dtype)
+        else:
+            self.bias = None
 
     def view(self) -> KVCache:
         pos = torch.arange(self.length, device=self.k.device)  # informational only
@@ -88,7 +94,8 @@ def decode_step(engine: Engine, buf: DecodeBuffer, token_id: int) -> Tensor:
             q, k, v = engine.qkv(i, h, pos)
             buf.k[i, :, t] = k[:, 0]
             buf.v[i, :, t] = v[:, 0]
-            a = engine.attend(q, buf.k[i, :, : t + 1], buf.v[i, :, : t + 1])
+            bias = None if buf.bias is None else buf.bias[None, : t + 1]
+            a = engine.attend(q, buf.k[i, :, : t + 1], buf.v[i, :, : t + 1], mask=bias)
             h = engine.finish_layer(i, h, a)
         logits = engine.logits(h)[0]
     buf.length += 1
@@ -112,12 +119,17 @@ def stream_from_kv(
     params: SamplingParams,
     *,
     should_stop: Callable[[], bool] | None = None,
+    key_bias: Tensor | None = None,
 ) -> Iterator[GenerationChunk]:
-    """Decode after a prompt whose K/V is ``kv`` and whose last-token logits are given."""
+    """Decode after a prompt whose K/V is ``kv`` and whose last-token logits are given.
+
+    ``key_bias`` [len(kv)] is an additive attention bias on the prompt's keys kept for the whole
+    decode (APE's scaling factor); generated tokens get none.
+    """
     engine.check_kv(kv)
     _check_room(engine, kv.num_tokens, params)
     buf = DecodeBuffer(engine, kv.num_tokens + params.max_tokens)
-    buf.load(kv.to(engine.device, engine.dtype))
+    buf.load(kv.to(engine.device, engine.dtype), key_bias)
     sampler = Sampler(params, engine.device)
     text = TextStream(engine.decode_ids if engine.tokenizer is not None else (lambda ids: ""),
                       params.stop)

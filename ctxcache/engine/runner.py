@@ -184,7 +184,8 @@ class Engine:
                causal: bool = False) -> Tensor:
         """Attention of queries q [Hq, Tq, D] over k/v [Hkv, Tk, D] → [Tq, Hq*D].
 
-        ``mask`` is boolean [Tq, Tk] (True = may attend); ``causal`` means the plain top-left
+        ``mask`` is boolean [Tq, Tk] (True = may attend) or an additive float bias broadcastable
+        to [Tq, Tk]; ``causal`` means the plain top-left
         causal mask (only valid when queries and keys are the same tokens).
         """
         hq, hkv = q.shape[0], k.shape[0]
@@ -227,6 +228,13 @@ class Engine:
                 mask[:, -n_new:] &= own
         return mask
 
+    @staticmethod
+    def bias_mask(mask: Tensor, key_bias: Tensor, dtype: torch.dtype) -> Tensor:
+        """Boolean mask [Tq, Tk] + per-key additive bias [Tk] → float mask for SDPA."""
+        neg = torch.finfo(torch.float32).min
+        return torch.where(mask, key_bias[None, :], torch.full_like(key_bias[None, :], neg)).to(
+            dtype)
+
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(
@@ -236,6 +244,7 @@ class Engine:
         kv: KVCache | None = None,
         *,
         mask: Tensor | None = None,
+        key_bias: Tensor | None = None,
         logits: str = "last",
         return_hidden: bool = False,
     ) -> PrefillOutput:
@@ -243,6 +252,8 @@ class Engine:
 
         Default positions continue after ``kv`` (or start at 0). The default mask is causal by
         position; pass ``mask`` [T, len(kv)+T] to override (APE, parallel encoding).
+        ``key_bias`` [len(kv)+T] is added to every query's attention logit of that key (APE's
+        scaling factor on the context part, as log S).
         Returns the K/V of the new tokens only; ``logits`` is "last", "all" or "none".
         """
         if logits not in ("last", "all", "none"):
@@ -263,9 +274,14 @@ class Engine:
             mask = mask.to(self.device, torch.bool)
             if mask.shape != (t, past + t):
                 raise KVMismatchError(f"mask must be [{t}, {past + t}], got {tuple(mask.shape)}")
-        elif past or not contiguous:
+        elif past or not contiguous or key_bias is not None:
             k_pos = torch.cat([kv.positions.to(self.device), pos]) if past else pos
             mask = self.position_mask(pos, k_pos, t)
+        if key_bias is not None:
+            key_bias = key_bias.to(self.device, torch.float32).reshape(-1)
+            if key_bias.numel() != past + t:
+                raise KVMismatchError(f"key_bias must have {past + t} entries")
+            mask = self.bias_mask(mask, key_bias, self.dtype)
         s = self.spec
         out_k = torch.empty(s.num_layers, s.num_kv_heads, t, s.head_dim, dtype=self.dtype,
                             device=self.device)

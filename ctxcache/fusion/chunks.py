@@ -1,0 +1,198 @@
+"""Turning segments into a positioned layout backed by chunk caches.
+
+Shared by every reuse strategy: validation of the segment list, lookup (or on-the-fly build and
+store) of each chunk's cache, and re-positioning of cached keys with RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ctxcache.engine.flops import prefill_flops
+from ctxcache.engine.kvcache import KVCache
+from ctxcache.errors import ChunkMismatchError, InvalidInputError, UnknownChunkError
+from ctxcache.fusion.base import FusionContext, FusionStats, Segment
+from ctxcache.kv.keys import chunk_key
+
+
+@dataclass
+class Piece:
+    role: str
+    token_ids: list[int]
+    start: int  # first position in the prompt
+    key: str | None = None  # standalone chunk key (chunks and prefixes)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+def resolve(ctx: FusionContext, segments: Sequence[Segment]) -> list[Piece]:
+    """Validate segments, fill in tokens of key-only chunks, lay them out at positions 0..N-1.
+
+    The prompt's last token is always computed: if the last segment is cached material, its
+    last token is split off into a text piece.
+    """
+    if not segments:
+        raise InvalidInputError("empty prompt: no segments")
+    engine = ctx.engine
+    pieces: list[Piece] = []
+    pos = 0
+    seen_other = False
+    for i, seg in enumerate(segments):
+        if not isinstance(seg, Segment):
+            raise InvalidInputError(f"segment {i} is not a Segment")
+        if seg.role == "prefix" and seen_other:
+            raise InvalidInputError("prefix segments must come before chunks and text")
+        seen_other |= seg.role != "prefix"
+        ids = seg.token_ids
+        if ids is None:  # a chunk named by key only
+            entry = ctx.store.get(seg.key, ctx.namespace)
+            if entry is None:
+                raise UnknownChunkError(f"unknown chunk key {seg.key!r} for namespace "
+                                        f"{ctx.namespace!r}")
+            if entry.meta.model != engine.fingerprint:
+                raise ChunkMismatchError(
+                    f"chunk {seg.key} was computed by model {entry.meta.model!r}, not "
+                    f"{engine.fingerprint!r}")
+            ids = entry.token_ids.tolist()
+        engine.as_ids(ids)  # range check
+        key = None
+        if seg.role in ("chunk", "prefix"):
+            key = chunk_key(engine.fingerprint, ids)
+            if seg.key is not None and seg.key != key:
+                raise ChunkMismatchError(f"chunk key {seg.key} does not match its tokens")
+        pieces.append(Piece(seg.role, list(ids), pos, key))
+        pos += len(ids)
+    if pos + 1 > engine.spec.max_positions:
+        raise InvalidInputError(f"prompt of {pos} tokens exceeds the model context")
+    last = pieces[-1]
+    if last.role != "text":
+        if len(last.token_ids) == 1:
+            last.role, last.key = "text", None
+        else:
+            tail = last.token_ids[-1]
+            last.token_ids = last.token_ids[:-1]
+            last.key = chunk_key(engine.fingerprint, last.token_ids)
+            pieces.append(Piece("text", [tail], last.end))
+    return pieces
+
+
+def all_ids(pieces: Sequence[Piece]) -> list[int]:
+    return [t for p in pieces for t in p.token_ids]
+
+
+def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
+             prefix: KVCache | None = None, prefix_key: str | None = None,
+             store_new: bool = True) -> tuple[str, KVCache]:
+    """A chunk's cached K/V (encoded at positions 0.. or right after ``prefix``).
+
+    A miss is computed now and stored (admission permitting), so the next prompt reuses it.
+    """
+    engine = ctx.engine
+    key = chunk_key(engine.fingerprint, ids, prefix_key)
+    entry = ctx.store.get(key, ctx.namespace, device=engine.device)
+    if entry is not None and entry.meta.model == engine.fingerprint:
+        stats.chunk_hits += 1
+        return key, entry.kv.to(engine.device, engine.dtype)
+    stats.chunk_misses += 1
+    out = engine.prefill(ids, kv=prefix, logits="none")
+    n_past = prefix.num_tokens if prefix is not None else 0
+    cost = prefill_flops(engine.spec, len(ids), n_past)
+    stats.extra["build_flops"] = stats.extra.get("build_flops", 0.0) + cost
+    if store_new:
+        ctx.store.put(out.kv, ids, model=engine.fingerprint, namespace=ctx.namespace,
+                      prefix_key=prefix_key, recompute_cost=cost)
+    return key, out.kv
+
+
+def place(ctx: FusionContext, kv: KVCache, start: int) -> KVCache:
+    """Move a cached chunk so its first token sits at position ``start`` (RoPE shift of K)."""
+    delta = start - int(kv.positions[0])
+    if delta == 0:
+        return kv
+    k = ctx.engine.rope.shift(kv.k, delta)
+    return KVCache(k, kv.v, kv.positions + delta)
+
+
+def placeholder(ctx: FusionContext, n: int, start: int) -> KVCache:
+    """Zero K/V for tokens that will be computed (keeps the assembled layout contiguous)."""
+    s = ctx.engine.spec
+    k = torch.zeros(s.num_layers, s.num_kv_heads, n, s.head_dim, dtype=ctx.engine.dtype,
+                    device=ctx.engine.device)
+    return KVCache(k, torch.zeros_like(k),
+                   torch.arange(start, start + n, device=ctx.engine.device))
+
+
+@dataclass
+class PrefixState:
+    """The prompt's leading prefix (system prompt): exact K/V at positions 0..s-1 and its key."""
+
+    ids: list[int]
+    kv: KVCache | None
+    key: str | None
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def load_prefix(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats) -> PrefixState:
+    ids = [t for p in pieces if p.role == "prefix" for t in p.token_ids]
+    if not ids:
+        return PrefixState([], None, None)
+    key, kv = chunk_kv(ctx, ids, stats)
+    return PrefixState(ids, kv, key)
+
+
+def load_chunk(ctx: FusionContext, piece: Piece, prefix: PrefixState, stats: FusionStats
+               ) -> KVCache:
+    """A chunk's cache placed at ``piece.start``.
+
+    Chunks are encoded *after the shared prefix* when there is one (keyed by chunk + prefix):
+    the chunk then sees the same attention sink and instructions as in the real prompt, which
+    removes most of its K/V deviation. If only the prefix-free cache exists (e.g. ingested
+    before the system prompt was known) it is used rather than recomputed.
+    """
+    engine = ctx.engine
+    if prefix.kv is not None:
+        ckey = chunk_key(engine.fingerprint, piece.token_ids, prefix.key)
+        if not ctx.store.contains(ckey, ctx.namespace) and ctx.store.contains(
+                piece.key, ctx.namespace):
+            _, kv = chunk_kv(ctx, piece.token_ids, stats)
+            stats.extra["unconditioned_chunks"] = stats.extra.get("unconditioned_chunks", 0) + 1
+        else:
+            _, kv = chunk_kv(ctx, piece.token_ids, stats, prefix=prefix.kv,
+                             prefix_key=prefix.key)
+    else:
+        _, kv = chunk_kv(ctx, piece.token_ids, stats)
+    return place(ctx, kv, piece.start)
+
+
+def assemble(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats
+             ) -> tuple[KVCache, Tensor]:
+    """Concatenate the prefix, cached chunks (re-positioned) and placeholders for text.
+
+    Returns the K/V and a bool mask of the tokens that came from a cache.
+    """
+    prefix = load_prefix(ctx, pieces, stats)
+    parts = [prefix.kv] if prefix.kv is not None else []
+    cached = [torch.ones(prefix.length, dtype=torch.bool)]
+    for p in pieces:
+        if p.role == "prefix":
+            continue
+        if p.role == "text":
+            parts.append(placeholder(ctx, len(p.token_ids), p.start))
+            cached.append(torch.zeros(len(p.token_ids), dtype=torch.bool))
+            continue
+        parts.append(load_chunk(ctx, p, prefix, stats))
+        cached.append(torch.ones(len(p.token_ids), dtype=torch.bool))
+    return KVCache.cat(parts), torch.cat(cached).to(ctx.engine.device)
+
+
+def full_flops(ctx: FusionContext, n: int) -> float:
+    return prefill_flops(ctx.engine.spec, n)

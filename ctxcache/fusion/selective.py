@@ -1,0 +1,139 @@
+"""Layer-wise selective recompute over a mixed (reused + recomputed) K/V — CacheBlend's core.
+
+Start from the assembled prompt K/V (cached chunks re-positioned, placeholders for text). Layer 0
+is computed for every non-prefix token (its K/V depends only on token and position, so this
+costs one layer and gives every token a correct hidden state). From ``select_from`` on, each
+selection layer computes Q/K/V for the tokens still active, measures how far their fresh K/V is
+from the cached K/V (the deviation that cross-chunk attention causes), and keeps only the most
+deviating ones — plus every token that has no cache — for attention and MLP. Tokens that dropped
+out keep their cached K/V in the upper layers; the active ones overwrite theirs, and the queries
+of the active tokens attend over the whole mixed K/V, causal by position.
+
+With every token kept this is exactly full prefill; with none kept it is the naive reuse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ctxcache.engine.flops import attention_flops, linear_flops_per_token
+from ctxcache.engine.kvcache import KVCache
+from ctxcache.engine.runner import Engine
+
+# selector(layer, active global indices, deviation per active token) -> bool keep-mask
+Selector = Callable[[int, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SelectiveOutput:
+    kv: KVCache
+    logits: Tensor  # [vocab] of the last token
+    computed_token_layers: int
+    flops: float
+    recomputed: Tensor  # global indices active in the last layer
+    probe_attention: Tensor | None = None  # [n_active, N] mean attention at the probe layer
+
+
+def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> Tensor:
+    """Per-token squared L2 distance of fresh vs cached K and V, summed over heads → [T]."""
+    dk = (k_new.float() - k_old.float()).pow(2).sum(dim=(0, 2))
+    dv = (v_new.float() - v_old.float()).pow(2).sum(dim=(0, 2))
+    return dk + dv
+
+
+def ratio_schedule(r: float, layer: int, select_from: int, widen: float, narrow_layers: int
+                   ) -> float:
+    """Fraction of candidates kept after ``layer``: starts at min(1, r·widen) at the first
+    selection layer and narrows linearly to r over ``narrow_layers`` layers (CacheBlend's
+    gradual filtering: an early, noisier choice keeps a wider set)."""
+    start = min(1.0, r * widen)
+    if narrow_layers <= 1:
+        return r
+    step = min(max(layer - select_from, 0), narrow_layers - 1) / (narrow_layers - 1)
+    return start + (r - start) * step
+
+
+def top_fraction(dev: Tensor, must: Tensor, frac: float, n_candidates: int) -> Tensor:
+    """Keep ``must`` tokens plus the top ``frac × n_candidates`` others by deviation."""
+    keep = must.clone()
+    k = int(math.ceil(frac * n_candidates - 1e-9))
+    k = min(k, int((~must).sum()))
+    if k > 0:
+        d = dev.masked_fill(must, float("-inf"))
+        keep[torch.topk(d, k).indices] = True
+    return keep
+
+
+@torch.inference_mode()
+def selective_prefill(
+    engine: Engine,
+    ids: Tensor,
+    kv: KVCache,
+    cached: Tensor,
+    exact: Tensor,
+    selector: Selector,
+    select_layers: set[int],
+    probe_layer: int | None = None,
+) -> SelectiveOutput:
+    """Run the layer loop over the non-exact tokens, narrowing at ``select_layers``.
+
+    ``cached`` marks tokens whose K/V came from a cache (candidates for reuse), ``exact`` the
+    ones whose cached K/V is already exact (a prefix at its own positions): never recomputed.
+    """
+    L = engine.spec.num_layers
+    K, V = kv.k.clone(), kv.v.clone()
+    pos = kv.positions.to(engine.device)
+    active = torch.nonzero(~exact).flatten()
+    must = ~cached[active]
+    lin = linear_flops_per_token(engine.spec) / L
+    flops = 0.0
+    computed = 0
+    probe = None
+    with engine.lock:
+        h = engine.embed(ids[active])
+        mask = pos[None, :] <= pos[active][:, None]
+        for layer in range(L):
+            q, k, v = engine.qkv(layer, h, pos[active])
+            if layer in select_layers:
+                dev = kv_deviation(k, v, K[layer][:, active], V[layer][:, active])
+                dev = dev.masked_fill(must, float("inf"))
+                keep = selector(layer, active, dev)
+                # the probe of Q/K/V for dropped tokens is a partial layer of work
+                qkv_share = _qkv_share(engine)
+                flops += lin * qkv_share * int((~keep).sum())
+                active, must = active[keep], must[keep]
+                q, k, v, h = q[:, keep], k[:, keep], v[:, keep], h[keep]
+                mask = mask[keep]
+            K[layer][:, active] = k
+            V[layer][:, active] = v
+            if probe_layer == layer:
+                probe = _attention_probs(engine, q, K[layer], mask)
+            a = engine.attend(q, K[layer], V[layer], mask=mask)
+            h = engine.finish_layer(layer, h, a)
+            n = active.numel()
+            computed += n
+            flops += lin * n + attention_flops(engine.spec, n, float(mask.sum()) / max(n, 1)) / L
+        logits = engine.logits(h[-1:])[0]
+    return SelectiveOutput(KVCache(K, V, pos), logits, computed, flops, active, probe)
+
+
+def _qkv_share(engine: Engine) -> float:
+    s = engine.spec
+    h, d = s.hidden_size, s.head_dim
+    qkv = h * (s.num_heads + 2 * s.num_kv_heads) * d
+    total = qkv + h * s.num_heads * d + 3 * h * s.intermediate_size
+    return qkv / total
+
+
+def _attention_probs(engine: Engine, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+    """Head-averaged attention probabilities [Tq, Tk] (explicit: used for statistics only)."""
+    hq, hkv = q.shape[0], k.shape[0]
+    kk = k.repeat_interleave(hq // hkv, dim=0) if hq != hkv else k
+    scores = torch.einsum("htd,hsd->hts", q.float(), kk.float()) * engine.scaling
+    scores = scores.masked_fill(~mask[None], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(dim=0)

@@ -1,0 +1,222 @@
+"""KV reuse strategies against full prefill on the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctxcache.engine import SamplingParams
+from ctxcache.engine.generate import stream_from_kv
+from ctxcache.errors import ChunkMismatchError, InvalidInputError, UnknownChunkError
+from ctxcache.fusion import (
+    APE, CacheBlend, CacheCraft, FullPrefill, FusionContext, NaiveReuse, Planner, PrefixReuse,
+    Segment, default_strategies, first_token_kl, make_strategy,
+)
+from ctxcache.kv import KVStore, MemoryTier
+
+TOL = 1e-3
+SYSTEM = "<|im_start|>system\nAnswer using the passages.<|im_end|>\n<|im_start|>user\n"
+DOCS = [
+    "Passage: The Rhine flows through Switzerland, Germany and the Netherlands.\n",
+    "Passage: Mount Everest is the highest mountain on Earth, at 8,849 metres.\n",
+    "Passage: The Danube is the second-longest river in Europe; it ends in the Black Sea.\n",
+]
+QUESTION = "Question: Where does the Danube end?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture
+def ctx(engine):
+    return FusionContext(engine, KVStore([MemoryTier(1 << 30)]), "tenant-a")
+
+
+def segs(engine, docs=DOCS, question=QUESTION):
+    return ([Segment.prefix(engine.encode(SYSTEM))]
+            + [Segment.chunk(engine.encode(d)) for d in docs]
+            + [Segment.text(engine.encode(question))])
+
+
+def close(a, b, tol=TOL):
+    return (a - b).abs().max().item() <= tol
+
+
+def test_full_equals_engine_prefill(ctx, engine):
+    s = segs(engine)
+    res = FullPrefill().build(ctx, s)
+    ids = [t for seg in s for t in seg.token_ids]
+    assert res.token_ids == ids
+    assert close(res.logits, engine.prefill(ids).logits[-1])
+    assert res.stats.compute_fraction == 1.0
+
+
+def test_prefix_is_exact_cold_and_warm(ctx, engine):
+    s = segs(engine)
+    ref = FullPrefill().build(ctx, s)
+    cold = PrefixReuse().build(ctx, s)
+    warm = PrefixReuse().build(ctx, s)
+    for r in (cold, warm):
+        assert close(r.logits, ref.logits) and close(r.kv.k, ref.kv.k) and close(r.kv.v, ref.kv.v)
+        assert first_token_kl(ref.logits, r.logits) < 1e-6
+    assert cold.stats.reused_tokens == 0
+    assert warm.stats.reused_tokens == len(ref.token_ids) - len(s[-1].token_ids)
+    # documents in another order: only the shared system prompt is a prefix hit
+    other = PrefixReuse().build(ctx, segs(engine, DOCS[::-1]))
+    assert other.stats.reused_tokens == len(s[0].token_ids)
+
+
+@pytest.mark.parametrize("strategy", [CacheBlend(1.0), CacheCraft(base_ratio=1.0, reuse_below=0.0)])
+def test_full_recompute_equals_full_prefill(ctx, engine, strategy):
+    s = segs(engine)
+    ref = FullPrefill().build(ctx, s)
+    for _ in range(2):  # cold (chunks built) and warm (chunks loaded)
+        r = strategy.build(ctx, s)
+        assert close(r.logits, ref.logits)
+        assert close(r.kv.k, ref.kv.k) and close(r.kv.v, ref.kv.v)
+
+
+def test_naive_and_ape_without_chunks_equal_full(ctx, engine):
+    s = [Segment.text(engine.encode(SYSTEM + "".join(DOCS) + QUESTION))]
+    ref = FullPrefill().build(ctx, s)
+    assert close(NaiveReuse().build(ctx, s).logits, ref.logits)
+    assert close(APE().build(ctx, s).logits, ref.logits)
+
+
+def test_cacheblend_r0_equals_naive(ctx, engine):
+    s = segs(engine)
+    nv = NaiveReuse().build(ctx, s)
+    cb = CacheBlend(0.0).build(ctx, s)
+    assert close(nv.logits, cb.logits) and close(nv.kv.k, cb.kv.k) and close(nv.kv.v, cb.kv.v)
+
+
+def test_cacheblend_recompute_improves_over_naive(ctx, engine):
+    s = segs(engine)
+    ref = FullPrefill().build(ctx, s)
+    kl_naive = first_token_kl(ref.logits, NaiveReuse().build(ctx, s).logits)
+    kl_cb = first_token_kl(ref.logits, CacheBlend(0.5).build(ctx, s).logits)
+    assert kl_cb < kl_naive
+
+
+def test_positions_after_repositioning(ctx, engine):
+    s = segs(engine)
+    ref = FullPrefill().build(ctx, s)
+    n = len(ref.token_ids)
+    for strat in (NaiveReuse(), CacheBlend(0.15), CacheCraft()):
+        r = strat.build(ctx, s)
+        assert torch.equal(r.kv.positions.cpu(), torch.arange(n))
+        # layer 0 K depends only on token + position: re-positioned chunks must match exactly
+        assert close(r.kv.k[0], ref.kv.k[0], 1e-4)
+        assert r.stats.reused_tokens > 0 and r.stats.compute_fraction < 1.0
+
+
+def test_ape_layout_and_decode(ctx, engine):
+    s = segs(engine)
+    r = APE(temperature=0.9, scale=0.9).build(ctx, s)
+    n_prefix = len(s[0].token_ids)
+    longest = max(len(x.token_ids) for x in s[1:-1])
+    pos = r.kv.positions.cpu()
+    # every chunk starts right after the shared prefix; the query follows the longest chunk
+    start = n_prefix
+    for x in s[1:-1]:
+        assert pos[start].item() == n_prefix
+        start += len(x.token_ids)
+    assert pos[start].item() == n_prefix + longest
+    assert r.key_bias is not None and r.key_bias.numel() == r.kv.num_tokens
+    out = [c for c in stream_from_kv(engine, r.kv, r.logits, SamplingParams(max_tokens=8),
+                                     key_bias=r.key_bias)]
+    assert out and out[-1].finish_reason in ("stop", "length")
+
+
+def test_chunks_are_cached_once_and_reused(ctx, engine):
+    s = segs(engine)
+    first = CacheBlend(0.15).build(ctx, s)
+    again = CacheBlend(0.15).build(ctx, s)
+    assert first.stats.chunk_misses >= len(DOCS)
+    assert again.stats.chunk_misses == 0 and again.stats.chunk_hits >= len(DOCS)
+
+
+def test_cachecraft_learns_budgets_and_keeps_variants(ctx, engine):
+    cc = CacheCraft(base_ratio=0.15, variant_above=0.1)
+    s = segs(engine)
+    r1 = cc.build(ctx, s)
+    assert len(cc.table) == len(DOCS)
+    r2 = cc.build(ctx, s)
+    assert r2.stats.extra["variants_used"] >= 1, "repaired chunks are kept per context"
+    assert r1.stats.extra["chunk_budgets"] != r2.stats.extra["chunk_budgets"]
+    budgets = cc.budgets([p for p in cc.table])
+    assert all(0.0 <= b <= 1.0 for b in budgets)
+
+
+def test_bad_segment_lists(ctx, engine, tiny_engines):
+    with pytest.raises(InvalidInputError, match="empty"):
+        CacheBlend().build(ctx, [])
+    with pytest.raises(InvalidInputError):
+        Segment("sidebar", [1, 2])
+    with pytest.raises(InvalidInputError):
+        Segment.chunk([])
+    with pytest.raises(InvalidInputError, match="prefix"):
+        NaiveReuse().build(ctx, [Segment.chunk([5, 6]), Segment.prefix([7]), Segment.text([8])])
+    with pytest.raises(UnknownChunkError):
+        CacheBlend().build(ctx, [Segment.chunk(key="0" * 32), Segment.text([5])])
+    with pytest.raises(InvalidInputError, match="out of range"):
+        NaiveReuse().build(ctx, [Segment.chunk([engine.spec.vocab_size]), Segment.text([5])])
+    # a chunk computed by another model
+    tiny = tiny_engines["tiny-llama"]
+    kv = tiny.prefill([1, 2, 3]).kv
+    foreign = ctx.store.put(kv, [1, 2, 3], model=tiny.fingerprint, namespace="tenant-a")
+    with pytest.raises(ChunkMismatchError, match="computed by model"):
+        CacheBlend().build(ctx, [Segment.chunk(key=foreign), Segment.text([5])])
+    # a chunk of another tenant is invisible
+    ids = engine.encode(DOCS[0])
+    key = ctx.store.put(engine.prefill(ids).kv, ids, model=engine.fingerprint,
+                        namespace="tenant-a")
+    CacheBlend().build(ctx, [Segment.chunk(key=key), Segment.text([5])])  # visible to its owner
+    other = FusionContext(engine, ctx.store, "tenant-b")
+    with pytest.raises(UnknownChunkError):
+        CacheBlend().build(other, [Segment.chunk(key=key), Segment.text([5])])
+    with pytest.raises(InvalidInputError):
+        make_strategy("cacheblend", recompute_ratio=2.0)
+    with pytest.raises(InvalidInputError):
+        make_strategy("teleport")
+
+
+def test_key_only_chunk_segments(ctx, engine):
+    ids = engine.encode(DOCS[1])
+    key = ctx.store.put(engine.prefill(ids).kv, ids, model=engine.fingerprint,
+                        namespace="tenant-a")
+    by_key = NaiveReuse().build(ctx, [Segment.chunk(key=key), Segment.text(engine.encode(QUESTION))])
+    by_ids = NaiveReuse().build(ctx, [Segment.chunk(ids), Segment.text(engine.encode(QUESTION))])
+    assert close(by_key.logits, by_ids.logits)
+
+
+def test_last_token_is_always_computed(ctx, engine):
+    s = [Segment.prefix(engine.encode(SYSTEM)), Segment.chunk(engine.encode(DOCS[0]))]
+    ref = FullPrefill().build(ctx, s)
+    r = NaiveReuse().build(ctx, s)
+    assert r.stats.recomputed_tokens == 1
+    assert r.logits.shape == ref.logits.shape
+
+
+def test_planner_auto_falls_back_to_full_until_proven(ctx, engine):
+    planner = Planner(default_strategies(), default="auto", min_samples=2, sample_rate=1.0,
+                      min_top1=1.0, seed=0)
+    s = segs(engine)
+    served = [planner.run(ctx, s).stats.extra["planner"]["served"] for _ in range(6)]
+    assert served[0] == "full"
+    report = planner.report()
+    assert report["naive"]["n"] >= 1
+    assert served[-1] != "full" or all(v["n"] < 2 or v["top1"] < 1.0 for v in report.values())
+    with pytest.raises(InvalidInputError):
+        planner.run(ctx, s, requested="nope")
+    fixed = Planner(default_strategies(), default="prefix", sample_rate=0.0)
+    assert fixed.run(ctx, s).stats.extra["planner"]["served"] == "prefix"
+    with pytest.raises(InvalidInputError):
+        Planner(default_strategies(), default="zzz")
+
+
+def test_flops_accounting(ctx, engine):
+    s = segs(engine)
+    rs = {n: make_strategy(n).build(ctx, s) for n in ("full", "naive")}
+    rs["cb15"] = CacheBlend(0.15).build(ctx, s)
+    rs["cb50"] = CacheBlend(0.5).build(ctx, s)
+    f = {k: v.stats.compute_fraction for k, v in rs.items()}
+    assert f["full"] == 1.0
+    assert f["naive"] < f["cb15"] < f["cb50"] < 1.0
