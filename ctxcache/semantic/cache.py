@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from ctxcache.db import make_engine, migrate
@@ -270,13 +270,15 @@ class SemanticCache:
         if best is None:
             return None
         entry_id, sim = best
-        with Session(self.engine) as s:
-            row = s.get(SemanticEntry, entry_id)
-            if row is None:  # deleted by another replica
-                self._forget(entry_id)
-                return None
-            hit = CacheHit(entry_id, json.loads(row.response), float(sim), category,
-                           now - row.created_at, row.prompt)
+        with self.engine.connect() as conn:  # Core select by primary key: no ORM overhead
+            row = conn.execute(select(SemanticEntry.response, SemanticEntry.created_at,
+                                      SemanticEntry.prompt).where(SemanticEntry.id == entry_id)
+                               ).first()
+        if row is None:  # deleted by another replica
+            self._forget(entry_id)
+            return None
+        hit = CacheHit(entry_id, json.loads(row.response), float(sim), category,
+                       now - row.created_at, row.prompt)
         # hit counters are bookkeeping: written off the request path
         self._writer.submit(self._record_hit, entry_id, now)
         return hit
@@ -334,6 +336,45 @@ class SemanticCache:
             self.used_bytes[key] += nbytes
             self.stats[category].inserts += 1
         return entry_id
+
+    def bulk_load(self, tenant: str, category: str, prompts: Sequence[str],
+                  embeddings: np.ndarray, responses: Sequence[dict], context_fp: str = "",
+                  batch: int = 20_000) -> int:
+        """Import many entries at once (warm-up, migration, benchmarks); quotas not enforced."""
+        check_namespace(tenant)
+        if category not in self.categories:
+            raise InvalidInputError(f"unknown category {category!r}")
+        if not (len(prompts) == len(embeddings) == len(responses)):
+            raise InvalidInputError("prompts, embeddings and responses must have equal length")
+        now = self.clock()
+        key = (tenant, category)
+        total = 0
+        for start in range(0, len(prompts), batch):
+            rows = []
+            for i in range(start, min(start + batch, len(prompts))):
+                body = json.dumps(responses[i])
+                rows.append(dict(tenant=tenant, category=category, context_fp=context_fp,
+                                 model="", prompt=prompts[i], response=body,
+                                 embedding=embeddings[i].astype(np.float32).tobytes(),
+                                 nbytes=len(body), created_at=now, last_hit_at=now, hits=0))
+            with Session(self.engine) as s:
+                ids = list(s.scalars(
+                    insert(SemanticEntry).returning(SemanticEntry.id, sort_by_parameter_order=True),
+                    rows))
+                s.commit()
+            with self._lock:
+                idx = self.indexes.get(key)
+                if idx is None:
+                    idx = self.indexes[key] = VectorIndex(self.embedder.dim,
+                                                          capacity=len(prompts))
+                idx.add(ids, embeddings[start:start + len(ids)])
+                for i, r in zip(ids, rows):
+                    self.meta[i] = _Meta(context_fp, now, r["nbytes"])
+                    self._owner[i] = key
+                    self.used_bytes[key] += r["nbytes"]
+                self.stats[category].inserts += len(ids)
+            total += len(ids)
+        return total
 
     def _enforce_quota(self, key: tuple[str, str], policy: CategoryPolicy, incoming: int) -> None:
         idx = self.indexes.get(key)
