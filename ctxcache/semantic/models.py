@@ -49,3 +49,17 @@ class ApiKey(Base):
     rate_limit_per_min: Mapped[int] = mapped_column(Integer, default=600)
     created_at: Mapped[float] = mapped_column(Float)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Document(Base):
+    __tablename__ = "documents"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title: Mapped[str] = mapped_column(String(512), default="")
+    text: Mapped[str] = mapped_column(Text)
+    chunks: Mapped[str] = mapped_column(Text)  # JSON list of chunk texts
+    meta: Mapped[str] = mapped_column(Text, default="{}")
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,293 @@
+"""Where generation happens, behind one interface: the embedded engine or SGLang over HTTP.
+
+Both take the same ``GenRequest`` (chat messages, raw text, or a RAG/agent prompt made of a
+system prompt, passages and a question) and return a ``GenStream``: an iterator of text chunks
+plus facts filled in as it runs (prompt tokens, tokens served from cache, strategy statistics).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import xxhash
+
+from ctxcache.engine import Engine, SamplingParams
+from ctxcache.engine.generate import GenerationChunk, stream_from_kv
+from ctxcache.errors import CtxCacheError, InvalidInputError
+from ctxcache.fusion import FusionContext, Planner, Segment, default_strategies
+from ctxcache.kv.store import KVStore
+
+
+class BackendUnavailableError(CtxCacheError):
+    """The inference backend cannot be reached or answered with a server error."""
+
+
+@dataclass
+class RagPrompt:
+    system: str
+    passages: list[str]  # text of each passage, in the order given
+    question: str
+    passage_ids: list[list[int]] | None = None  # pre-tokenized chunks (ingested documents)
+
+
+@dataclass
+class GenRequest:
+    params: SamplingParams
+    tenant: str = "default"
+    messages: list[dict] | None = None
+    text: str | None = None
+    rag: RagPrompt | None = None
+    strategy: str | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class GenStream:
+    chunks: Iterator[GenerationChunk]
+    info: dict = field(default_factory=dict)  # prompt_tokens, cached_tokens, strategy, stats
+
+
+class Backend(ABC):
+    name = "backend"
+
+    @abstractmethod
+    def generate(self, req: GenRequest) -> GenStream: ...
+
+    @abstractmethod
+    def health(self) -> bool: ...
+
+    @abstractmethod
+    def model_info(self) -> dict: ...
+
+    def flush(self) -> None:  # pragma: no cover - optional
+        pass
+
+    def load(self) -> float:
+        """Backend load in [0, 1] for load-adaptive caching (0 when unknown)."""
+        return 0.0
+
+
+def rag_template(engine: Engine, system: str) -> tuple[list[int], str, str]:
+    """Token ids of the prompt head (system + opening of the user turn) and the text that
+    follows the passages, rendered through the model's own chat template."""
+    marker = "\u2063CTXCACHE-PASSAGES\u2063"
+    tok = engine.tokenizer
+    if tok is None or tok.chat_template is None:
+        head = f"system: {system}\nuser: "
+        return engine.encode(head), "", "\nassistant: "
+    rendered = tok.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": marker + "Q"}],
+        add_generation_prompt=True, tokenize=False)
+    head, tail = rendered.split(marker, 1)
+    q_at = tail.index("Q")
+    return engine.encode(head), tail[:q_at], tail[q_at + 1:]
+
+
+class EmbeddedBackend(Backend):
+    """Our engine: chat and text prompts reuse their cached prefix (exact), RAG and agent
+    prompts go through the planner's reuse strategies over the chunk KV store."""
+
+    name = "embedded"
+
+    def __init__(self, engine: Engine, store: KVStore, planner: Planner | None = None,
+                 recompute_ratio: float = 0.15):
+        self.engine = engine
+        self.store = store
+        self.planner = planner or Planner(
+            default_strategies(cacheblend={"recompute_ratio": recompute_ratio}),
+            default="cacheblend")
+        self.busy = threading.Semaphore(1)
+        self.waiting = 0
+
+    def _segments_for_chat(self, messages: list[dict]) -> list[Segment]:
+        """Split the templated conversation at message boundaries so each turn is a cacheable
+        segment (prefix reuse then skips the whole shared history)."""
+        e = self.engine
+        full = e.chat_ids(messages)
+        cuts = []
+        for i in range(1, len(messages)):
+            part = e.chat_ids(messages[:i], add_generation_prompt=False)
+            if len(part) < len(full) and full[: len(part)] == part:
+                cuts.append(len(part))
+        segs, prev = [], 0
+        for c in cuts + [len(full)]:
+            if c > prev:
+                segs.append(Segment.chunk(full[prev:c]))
+                prev = c
+        return segs
+
+    def rag_segments(self, rag: RagPrompt) -> list[Segment]:
+        e = self.engine
+        head, between, after = rag_template(e, rag.system)
+        segs = [Segment.prefix(head)]
+        ids_list = rag.passage_ids or [e.encode(p.rstrip() + "\n\n") for p in rag.passages]
+        segs += [Segment.chunk(ids) for ids in ids_list if ids]
+        segs.append(Segment.text(e.encode(between + rag.question + after)))
+        return segs
+
+    def generate(self, req: GenRequest) -> GenStream:
+        e = self.engine
+        ctx = FusionContext(e, self.store, req.tenant)
+        if req.rag is not None:
+            segs = self.rag_segments(req.rag)
+            strategy = req.strategy
+        elif req.messages is not None:
+            segs = self._segments_for_chat(req.messages)
+            strategy = "prefix"
+        elif req.text is not None:
+            segs = [Segment.chunk(e.encode(req.text))]
+            strategy = "prefix"
+        else:
+            raise InvalidInputError("nothing to generate from")
+        n_prompt = sum(len(s.token_ids or []) for s in segs)
+        if n_prompt + req.params.max_tokens > e.spec.max_positions:
+            raise InvalidInputError(
+                f"prompt of {n_prompt} tokens + max_tokens {req.params.max_tokens} exceeds the "
+                f"model's context of {e.spec.max_positions} tokens")
+        result = self.planner.run(ctx, segs, strategy)
+        st = result.stats
+        info = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.reused_tokens,
+                "strategy": st.strategy, "stats": st.as_dict()}
+        chunks = stream_from_kv(e, result.kv, result.logits, req.params,
+                                should_stop=req.should_stop, key_bias=result.key_bias)
+        return GenStream(chunks, info)
+
+    def health(self) -> bool:
+        return True
+
+    def model_info(self) -> dict:
+        return {"model_path": self.engine.name, "fingerprint": self.engine.fingerprint,
+                "is_generation": True, "max_positions": self.engine.spec.max_positions}
+
+
+class SGLangBackend(Backend):
+    """An SGLang server over its HTTP API (``/generate``, ``/v1/chat/completions``, ``/health``,
+    ``/get_model_info``, ``/flush_cache``).
+
+    RAG prompts are laid out for SGLang's radix prefix cache: the system prompt first, then the
+    passages in a canonical order (by content hash, so the same documents retrieved in another
+    order still share a prefix), then the question.
+    """
+
+    name = "sglang"
+
+    def __init__(self, url: str, timeout_s: float = 120.0, model: str | None = None):
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._httpx = httpx
+        self._model = model
+
+    def _call(self, method: str, path: str, **kw):
+        try:
+            r = self.client.request(method, path, **kw)
+        except self._httpx.HTTPError as e:
+            raise BackendUnavailableError(f"SGLang at {self.url} unreachable: {e}") from e
+        if r.status_code >= 500:
+            raise BackendUnavailableError(f"SGLang {path} answered {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 400:
+            raise InvalidInputError(f"SGLang rejected the request: {r.text[:300]}")
+        return r
+
+    @staticmethod
+    def canonical_passages(passages: list[str]) -> list[str]:
+        return sorted(passages, key=lambda p: xxhash.xxh3_64_hexdigest(p.encode()))
+
+    def _sampling(self, p: SamplingParams) -> dict:
+        sp = {"max_new_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p}
+        if p.top_k:
+            sp["top_k"] = p.top_k
+        if p.stop:
+            sp["stop"] = list(p.stop)
+        return sp
+
+    def generate(self, req: GenRequest) -> GenStream:
+        if req.rag is not None:
+            passages = "".join(p.rstrip() + "\n\n" for p in self.canonical_passages(req.rag.passages))
+            messages = [{"role": "system", "content": req.rag.system},
+                        {"role": "user", "content": passages + req.rag.question}]
+            return self._chat(messages, req)
+        if req.messages is not None:
+            return self._chat(req.messages, req)
+        if req.text is None:
+            raise InvalidInputError("nothing to generate from")
+        return self._generate_text(req.text, req)
+
+    def _sse(self, path: str, payload: dict) -> Iterator[dict]:
+        try:
+            with self.client.stream("POST", path, json=payload) as r:
+                if r.status_code >= 400:
+                    body = r.read().decode(errors="replace")
+                    if r.status_code >= 500:
+                        raise BackendUnavailableError(f"SGLang {path}: {r.status_code} {body[:200]}")
+                    raise InvalidInputError(f"SGLang rejected the request: {body[:300]}")
+                for line in r.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    yield json.loads(data)
+        except self._httpx.HTTPError as e:
+            raise BackendUnavailableError(f"SGLang at {self.url} unreachable: {e}") from e
+
+    def _generate_text(self, text: str, req: GenRequest) -> GenStream:
+        info: dict = {"strategy": "sglang"}
+        payload = {"text": text, "sampling_params": self._sampling(req.params), "stream": True}
+
+        def chunks() -> Iterator[GenerationChunk]:
+            seen = ""
+            for ev in self._sse("/generate", payload):
+                if req.should_stop is not None and req.should_stop():
+                    yield GenerationChunk("", None, "cancelled")
+                    return
+                full = ev.get("text", "")
+                delta, seen = full[len(seen):], full
+                meta = ev.get("meta_info", {})
+                info["prompt_tokens"] = meta.get("prompt_tokens", 0)
+                info["cached_tokens"] = meta.get("cached_tokens", 0)
+                fr = meta.get("finish_reason")
+                reason = fr.get("type") if isinstance(fr, dict) else fr
+                yield GenerationChunk(delta, None, reason if reason in ("stop", "length") else None)
+        return GenStream(chunks(), info)
+
+    def _chat(self, messages: list[dict], req: GenRequest) -> GenStream:
+        info: dict = {"strategy": "sglang"}
+        p = req.params
+        payload = {"model": self._model or "default", "messages": messages, "stream": True,
+                   "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                   "stream_options": {"include_usage": True}}
+        if p.stop:
+            payload["stop"] = list(p.stop)
+
+        def chunks() -> Iterator[GenerationChunk]:
+            for ev in self._sse("/v1/chat/completions", payload):
+                if req.should_stop is not None and req.should_stop():
+                    yield GenerationChunk("", None, "cancelled")
+                    return
+                usage = ev.get("usage")
+                if usage:
+                    info["prompt_tokens"] = usage.get("prompt_tokens", 0)
+                    info["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get(
+                        "cached_tokens", 0)
+                for ch in ev.get("choices", []):
+                    delta = (ch.get("delta") or {}).get("content") or ""
+                    yield GenerationChunk(delta, None, ch.get("finish_reason"))
+        return GenStream(chunks(), info)
+
+    def health(self) -> bool:
+        try:
+            return self.client.get("/health", timeout=5).status_code == 200
+        except self._httpx.HTTPError:
+            return False
+
+    def model_info(self) -> dict:
+        return self._call("GET", "/get_model_info").json()
+
+    def flush(self) -> None:
+        self._call("POST", "/flush_cache")

@@ -1,0 +1,139 @@
+"""Pydantic models: the HTTP contract (OpenAI-compatible and native)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Loose(BaseModel):
+    # OpenAI clients send fields we do not use (logprobs, user, ...): accept and ignore them.
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(_Loose):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class SamplingFields(_Loose):
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if len(v) > 4 or any(not s for s in v):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return v
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict] | None = None
+    stream_options: dict | None = None
+    # ctxcache extensions (ignored by other servers)
+    cache: bool = True
+    category: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str]
+    echo: bool = False
+    cache: bool = True
+    category: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("only a single prompt is supported")
+            v = v[0]
+        if not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=2_000_000)
+    title: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DocumentsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    documents: list[DocumentIn] = Field(min_length=1, max_length=256)
+    public: bool = False
+
+
+class RagRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=20_000)
+    document_ids: list[str] = Field(default_factory=list, max_length=64)
+    passages: list[str] = Field(default_factory=list, max_length=64)
+    system: str | None = Field(None, max_length=20_000)
+    strategy: str | None = None
+    recompute_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    cache: bool = True
+    stream: bool = False
+
+
+class AgentSessionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shared_context: str = Field("", max_length=200_000)
+    agents: dict[str, str] = Field(default_factory=dict,
+                                   description="agent name → its own system prompt")
+
+
+class AgentMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent: str = Field(min_length=1, max_length=64)
+    content: str = Field(min_length=1, max_length=100_000)
+
+
+class AgentGenerate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent: str = Field(min_length=1, max_length=64)
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    strategy: str | None = None
+    append: bool = True  # add the answer to the session as the agent's message
+
+
+class FlushRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str | None = None
+    category: str | None = None
+    document_id: str | None = None
+    semantic: bool = True
+    kv: bool = False
+
+
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = ""
+    rate_limit_per_min: int = Field(600, ge=1)

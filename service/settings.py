@@ -1,0 +1,74 @@
+"""Gateway configuration: environment variables (``CTXCACHE_*``), an optional config file
+(``CTXCACHE_CONFIG``, JSON or YAML), then defaults that work on a fresh machine: embedded engine
+with the packaged SmolLM2 on CPU, SQLite and a local-disk KV tier under the cache directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ctxcache.engine.models import cache_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CTXCACHE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: Literal["embedded", "sglang"] = "embedded"
+    model: str = "smollm2-135m-instruct"
+    device: str = "cpu"
+    dtype: str = "float32"
+    sglang_url: str = "http://127.0.0.1:30000"
+    sglang_timeout_s: float = 120.0
+
+    database_url: str | None = None  # default: SQLite file in the cache dir
+    data_dir: Path = Field(default_factory=lambda: cache_dir() / "gateway")
+    kv_gpu_bytes: int = 0
+    kv_cpu_bytes: int = 2 << 30
+    kv_disk_bytes: int = 20 << 30
+    redis_url: str | None = None
+    kv_redis_bytes: int = 8 << 30
+    kv_codec: Literal["raw", "int8", "int4"] = "raw"
+    kv_eviction: Literal["lru", "gdsf"] = "gdsf"
+    strategy: str = "cacheblend"  # default reuse strategy, or "auto"
+    recompute_ratio: float = 0.15
+    chunk_tokens: int = 256
+
+    semantic_cache: bool = True
+    semantic_verify_rate: float = 0.0
+    load_adaptive: bool = False
+
+    auth: Literal["none", "required"] = "none"
+    admin_key: str | None = None
+    default_rate_limit_per_min: int = 600
+
+    max_concurrency: int = 1  # generations at once (the embedded engine runs one forward at a time)
+    max_queue: int = 32  # waiting requests beyond which the gateway answers 429
+    max_tokens_limit: int = 2048
+    request_timeout_s: float = 300.0
+
+    @classmethod
+    def load(cls, **overrides) -> "Settings":
+        path = os.environ.get("CTXCACHE_CONFIG")
+        values: dict = {}
+        if path:
+            text = Path(path).read_text()
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        env = cls(**overrides)  # environment variables + explicit overrides
+        # explicit arguments > environment > config file > defaults
+        data = dict(values)
+        for k in cls.model_fields:
+            if k in overrides or f"CTXCACHE_{k.upper()}" in os.environ:
+                data[k] = getattr(env, k)
+        return cls(**data)

@@ -1,0 +1,204 @@
+"""The embedded engine behind SGLang's HTTP schema (``ctxcache engine --api sglang``).
+
+Lets the gateway's SGLang backend be tested end to end without a GPU: the same endpoints and
+fields as an SGLang server (``/generate`` with ``text``/``input_ids`` + ``sampling_params`` and
+``meta_info`` in the answer, streaming as server-sent events of cumulative text;
+``/v1/chat/completions``; ``/health``; ``/get_model_info``; ``/flush_cache``), with a real model
+answering. Prefix reuse over the KV store plays the role of SGLang's radix cache and reports
+``cached_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ctxcache.engine import Engine, SamplingParams
+from ctxcache.engine.generate import stream_from_kv
+from ctxcache.errors import CtxCacheError
+from ctxcache.fusion import FusionContext, PrefixReuse, Segment
+from ctxcache.kv import KVStore, MemoryTier
+
+
+class SGLangSampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+
+
+class GenerateReq(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: SGLangSampling = Field(default_factory=SGLangSampling)
+    stream: bool = False
+
+
+class ChatReq(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = "default"
+    messages: list[dict]
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+def create_sglang_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="ctxcache engine (SGLang API)")
+    store = KVStore([MemoryTier(1 << 30)])
+    lock = threading.Lock()
+    prefix = PrefixReuse()
+
+    def params(sp: SGLangSampling) -> SamplingParams:
+        stop = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
+        return SamplingParams(max_tokens=sp.max_new_tokens, temperature=sp.temperature,
+                              top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop,
+                              ignore_eos=sp.ignore_eos)
+
+    def run(ids: list[int], p: SamplingParams):
+        """Prefix reuse (radix-cache stand-in) then decode; yields (text, finish, info)."""
+        with lock:
+            segs = [Segment.chunk(ids[:-1]), Segment.text(ids[-1:])] if len(ids) > 1 else \
+                [Segment.text(ids)]
+            res = prefix.build(FusionContext(engine, store), segs)
+            info = {"prompt_tokens": len(ids), "cached_tokens": res.stats.reused_tokens}
+            text, n = "", 0
+            for ch in stream_from_kv(engine, res.kv, res.logits, p):
+                text += ch.text
+                n += ch.token_id is not None
+                yield text, ch.finish_reason, {**info, "completion_tokens": n}
+
+    def meta(info: dict, finish: str | None, rid: str, t0: float) -> dict:
+        fr = None if finish is None else {"type": finish if finish != "cancelled" else "abort"}
+        return {"id": rid, "finish_reason": fr, "prompt_tokens": info["prompt_tokens"],
+                "completion_tokens": info["completion_tokens"],
+                "cached_tokens": info["cached_tokens"], "e2e_latency": time.time() - t0}
+
+    @app.exception_handler(CtxCacheError)
+    async def _err(_: Request, e: CtxCacheError):
+        return JSONResponse({"error": {"message": str(e)}}, 400)
+
+    @app.get("/health")
+    async def health():
+        return Response200()
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return {"model_path": engine.name, "tokenizer_path": engine.name, "is_generation": True}
+
+    @app.post("/flush_cache")
+    async def flush():
+        for st in store.tiers:
+            for k, _ in list(st.tier.scan()):
+                st.tier.delete(k)
+            st.sizes.clear()
+            st.used = 0
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.post("/generate")
+    async def generate(req: GenerateReq):
+        if req.input_ids:
+            ids = engine.as_ids(req.input_ids).tolist()
+        elif req.text:
+            ids = engine.encode(req.text)
+        else:
+            return JSONResponse({"error": {"message": "text or input_ids required"}}, 400)
+        p = params(req.sampling_params)
+        rid, t0 = uuid.uuid4().hex, time.time()
+        if not req.stream:
+            def collect():
+                last = ("", None, {})
+                for last in run(ids, p):
+                    pass
+                return last
+            text, finish, info = await asyncio.to_thread(collect)
+            return {"text": text, "meta_info": meta(info, finish or "length", rid, t0)}
+
+        async def events():
+            q: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def work():
+                for item in run(ids, p):
+                    loop.call_soon_threadsafe(q.put_nowait, item)
+                loop.call_soon_threadsafe(q.put_nowait, None)
+
+            threading.Thread(target=work, daemon=True).start()
+            while (item := await q.get()) is not None:
+                text, finish, info = item
+                yield f"data: {json.dumps({'text': text, 'meta_info': meta(info, finish, rid, t0)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatReq):
+        ids = engine.chat_ids(req.messages)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        p = SamplingParams(max_tokens=req.max_tokens or 128, temperature=req.temperature,
+                           top_p=req.top_p, stop=stop)
+        rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def usage(info):
+            return {"prompt_tokens": info.get("prompt_tokens", 0),
+                    "completion_tokens": info.get("completion_tokens", 0),
+                    "total_tokens": info.get("prompt_tokens", 0) + info.get("completion_tokens", 0),
+                    "prompt_tokens_details": {"cached_tokens": info.get("cached_tokens", 0)}}
+
+        if not req.stream:
+            def collect():
+                last = ("", None, {})
+                for last in run(ids, p):
+                    pass
+                return last
+            text, finish, info = await asyncio.to_thread(collect)
+            return {"id": rid, "object": "chat.completion", "created": created,
+                    "model": req.model, "usage": usage(info),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": finish or "length"}]}
+
+        async def events():
+            q: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def work():
+                for item in run(ids, p):
+                    loop.call_soon_threadsafe(q.put_nowait, item)
+                loop.call_soon_threadsafe(q.put_nowait, None)
+
+            threading.Thread(target=work, daemon=True).start()
+            seen, info = "", {}
+            while (item := await q.get()) is not None:
+                text, finish, info = item
+                delta, seen = text[len(seen):], text
+                ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                      "model": req.model, "choices": [{"index": 0, "delta": {"content": delta},
+                                                       "finish_reason": finish}]}
+                yield f"data: {json.dumps(ev)}\n\n"
+            ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                  "model": req.model, "choices": [], "usage": usage(info)}
+            yield f"data: {json.dumps(ev)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def Response200():  # noqa: N802 - SGLang answers /health with an empty 200
+    from fastapi.responses import Response
+
+    return Response(status_code=200)
