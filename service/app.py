@@ -382,8 +382,8 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
     # ------------------------------------------------------------------ semantic cache glue
     def sem_lookup(gw: Gateway, tenant: str, text: str, fp: str, category: str | None,
                    route: str, enabled: bool):
-        if gw.semantic is None or not enabled:
-            return None, None
+        if gw.semantic is None or not enabled or len(text) > gw.semantic.max_text_chars:
+            return None, None  # too long to key: served uncached, not refused
         if gw.settings.load_adaptive:
             gw.semantic.load.observe(gw.gate.waiting, gw.settings.max_queue)
         try:

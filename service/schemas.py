@@ -27,7 +27,7 @@ class SamplingFields(_Loose):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False

@@ -1,0 +1,349 @@
+"""The gateway over real HTTP on 127.0.0.1: openai client, auth, tenants, errors, SGLang schema."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from ctxcache.kv import KVStore, MemoryTier
+from ctxcache.semantic import SemanticCache
+from ctxcache.service.app import Gateway, create_app
+from ctxcache.service.backends import EmbeddedBackend, SGLangBackend
+from ctxcache.service.settings import Settings
+from ctxcache.service.sglang_server import create_sglang_app
+
+MODEL = "smollm2-135m-instruct"
+ADMIN = "admin-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            if time.time() - t0 > 60:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def make_gateway(tmp, engine, embedder, backend=None, **overrides):
+    settings = Settings(data_dir=tmp, database_url=f"sqlite:///{tmp}/gw.db", **overrides)
+    store = KVStore([MemoryTier(1 << 30)])
+    backend = backend or EmbeddedBackend(engine, store)
+    sem = SemanticCache(embedder, db_url=settings.database_url, index_dir=tmp / "hnsw")
+    return Gateway(settings, backend=backend, semantic=sem,
+                   store=store if isinstance(backend, EmbeddedBackend) else None)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from ctxcache.semantic import TransformerEmbedder
+
+    return TransformerEmbedder()
+
+
+@pytest.fixture(scope="module")
+def gw_open(engine, embedder, tmp_path_factory):
+    gw = make_gateway(tmp_path_factory.mktemp("open"), engine, embedder)
+    srv = Server(create_app(gateway=gw))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_auth(engine, embedder, tmp_path_factory):
+    gw = make_gateway(tmp_path_factory.mktemp("auth"), engine, embedder, auth="required",
+                      admin_key=ADMIN)
+    srv = Server(create_app(gateway=gw))
+    yield srv
+    srv.stop()
+
+
+def oa(url, key="none"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_client_sync_and_stream(gw_open):
+    c = oa(gw_open.url)
+    assert MODEL in [m.id for m in c.models.list().data]
+    r = c.chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": "What is the capital of France?"}], max_tokens=24)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[
+        {"role": "user", "content": "Name three primary colors."}], max_tokens=24, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert len(text) > 3
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    comp = c.completions.create(model=MODEL, prompt="The opposite of hot is", max_tokens=4)
+    assert comp.choices[0].text
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=MODEL, prompt="One, two, three,", max_tokens=6, stream=True))
+    assert streamed
+
+
+def test_semantic_hit_is_faster_and_identical(gw_open):
+    c = oa(gw_open.url)
+    msgs = [{"role": "user", "content": "Which planet is known as the red planet?"}]
+    t0 = time.perf_counter()
+    first = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, max_tokens=32)
+    t_miss = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    second = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, max_tokens=32)
+    t_hit = time.perf_counter() - t0
+    assert first.headers["x-ctxcache-cache"] == "miss"
+    assert second.headers["x-ctxcache-cache"] == "semantic-hit"
+    a, b = first.parse(), second.parse()
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert t_hit < t_miss
+    # a paraphrase hits too; streaming a hit works
+    para = c.chat.completions.create(model=MODEL, stream=True, max_tokens=32, messages=[
+        {"role": "user", "content": "Which planet is called the red planet?"}])
+    text = "".join(ch.choices[0].delta.content or "" for ch in para if ch.choices)
+    assert text == a.choices[0].message.content
+    # cache=false bypasses
+    raw = httpx.post(gw_open.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": msgs, "max_tokens": 32, "cache": False}, timeout=120)
+    assert raw.headers["x-ctxcache-cache"] == "off"
+
+
+def test_bad_inputs_give_openai_errors(gw_open):
+    u = gw_open.url + "/v1/chat/completions"
+    r = httpx.post(u, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(u, json={"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(u, json={"model": MODEL, "messages": []})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(u, json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                            "temperature": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(u, json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                            "n": 3})
+    assert r.status_code == 400
+    r = httpx.post(u, json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                            "max_tokens": 10**6})
+    assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    long = "word " * 12000
+    r = httpx.post(u, json={"model": MODEL, "messages": [{"role": "user", "content": long}],
+                            "max_tokens": 8}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(gw_open.url + "/v1/rag", json={"question": "q?"})
+    assert r.status_code == 400
+    r = httpx.post(gw_open.url + "/v1/rag", json={"question": "q?", "document_ids": ["nope"]})
+    assert r.status_code == 404
+    r = httpx.post(gw_open.url + "/v1/rag", json={"question": "q?", "passages": ["p"],
+                                                   "strategy": "warp"})
+    assert r.status_code == 400 and "strategy" in r.json()["error"]["message"]
+    r = httpx.get(gw_open.url + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_documents_and_rag_reuse_chunk_kv(gw_open):
+    doc = ("The Amazon rainforest covers much of the Amazon basin of South America.\n\n"
+           "The majority of the forest is contained within Brazil, with 60% of the rainforest, "
+           "followed by Peru with 13% and Colombia with 10%.")
+    u = gw_open.url
+    r1 = httpx.post(u + "/v1/documents", json={"documents": [{"text": doc, "title": "amazon"}]},
+                    timeout=120).json()["data"][0]
+    r2 = httpx.post(u + "/v1/documents", json={"documents": [{"text": doc}]},
+                    timeout=120).json()["data"][0]
+    assert r1["id"] == r2["id"] and r1["created"] and not r2["created"]
+    assert httpx.get(u + f"/v1/documents/{r1['id']}").json()["title"] == "amazon"
+    ans = httpx.post(u + "/v1/rag", json={"question": "Which country holds most of the forest?",
+                                          "document_ids": [r1["id"]], "max_tokens": 24},
+                     timeout=120).json()
+    meta = ans["ctxcache"]
+    assert meta["strategy"] == "cacheblend" and meta["reused_tokens"] > 0
+    assert ans["usage"]["prompt_tokens_details"]["cached_tokens"] == meta["reused_tokens"]
+    assert "Brazil" in ans["answer"]
+    full = httpx.post(u + "/v1/rag", json={"question": "Which country holds most of the forest?",
+                                           "document_ids": [r1["id"]], "strategy": "full",
+                                           "cache": False, "max_tokens": 24}, timeout=120).json()
+    assert full["ctxcache"]["reused_tokens"] == 0
+    d = httpx.delete(u + f"/v1/documents/{r1['id']}").json()
+    assert d["deleted"] and d["kv_entries_removed"] >= 1 and d["semantic_entries_removed"] == 1
+    assert httpx.get(u + f"/v1/documents/{r1['id']}").status_code == 404
+
+
+def test_agent_session_reuses_messages(gw_open):
+    u = gw_open.url
+    s = httpx.post(u + "/v1/agents/sessions", json={
+        "shared_context": "The team plans a trip to Japan.",
+        "agents": {"planner": "You plan itineraries.", "critic": "You review plans briefly."}}
+    ).json()
+    sid = s["id"]
+    httpx.post(u + f"/v1/agents/sessions/{sid}/messages",
+               json={"agent": "planner", "content": "Day 1: Tokyo. Day 2: Kyoto. Day 3: Osaka."})
+    out = httpx.post(u + f"/v1/agents/sessions/{sid}/generate",
+                     json={"agent": "critic", "max_tokens": 24}, timeout=120).json()
+    assert out["content"] and out["ctxcache"]["reused_tokens"] > 0
+    sess = httpx.get(u + f"/v1/agents/sessions/{sid}").json()
+    assert len(sess["messages"]) == 2 and sess["messages"][1]["agent"] == "critic"
+    assert httpx.get(u + "/v1/agents/sessions/unknown").status_code == 404
+
+
+def test_metrics_health_ready(gw_open):
+    m = httpx.get(gw_open.url + "/metrics").text
+    assert "ctxcache_semantic_hits_total" in m and "ctxcache_ttft_seconds_bucket" in m
+    assert httpx.get(gw_open.url + "/health").json()["status"] == "ok"
+    assert httpx.get(gw_open.url + "/ready").status_code == 200
+
+
+def test_auth_and_tenant_isolation(gw_auth):
+    u = gw_auth.url
+    assert httpx.get(u + "/v1/models").status_code == 401
+    assert httpx.get(u + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    ka = httpx.post(u + "/v1/admin/keys", json={"tenant": "acme"}, headers=admin).json()["key"]
+    kb = httpx.post(u + "/v1/admin/keys", json={"tenant": "globex"}, headers=admin).json()["key"]
+    ca, cb = oa(u, ka), oa(u, kb)
+    msgs = [{"role": "user", "content": "What is the capital of Japan?"}]
+    ca.chat.completions.create(model=MODEL, messages=msgs, max_tokens=48)
+    hit_a = ca.chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
+                                                       max_tokens=48)
+    assert hit_a.headers["x-ctxcache-cache"] == "semantic-hit"
+    miss_b = cb.chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
+                                                        max_tokens=48)
+    assert miss_b.headers["x-ctxcache-cache"] == "miss", "tenants never share semantic entries"
+    # documents are tenant-scoped too
+    did = httpx.post(u + "/v1/documents", json={"documents": [{"text": "Secret plan: blue."}]},
+                     headers={"Authorization": f"Bearer {ka}"}).json()["data"][0]["id"]
+    assert httpx.get(u + f"/v1/documents/{did}",
+                     headers={"Authorization": f"Bearer {kb}"}).status_code == 404
+    # admin endpoints need the admin key
+    assert httpx.get(u + "/v1/cache/stats",
+                     headers={"Authorization": f"Bearer {ka}"}).status_code == 403
+    stats = httpx.get(u + "/v1/cache/stats", headers=admin).json()
+    assert stats["semantic"]["factual"]["hits"] >= 1
+    r = httpx.put(u + "/v1/cache/policies/code", json={"threshold": 3}, headers=admin)
+    assert r.status_code == 400
+    r = httpx.put(u + "/v1/cache/policies/code", json={"ttl_s": 120}, headers=admin)
+    assert r.status_code == 200 and r.json()["ttl_s"] == 120
+    fl = httpx.post(u + "/v1/cache/flush", json={"tenant": "acme"}, headers=admin).json()
+    assert fl["semantic_entries_removed"] >= 1
+
+
+def test_rate_limit(gw_auth):
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    key = httpx.post(gw_auth.url + "/v1/admin/keys", json={"tenant": "slow",
+                     "rate_limit_per_min": 2}, headers=admin).json()["key"]
+    h = {"Authorization": f"Bearer {key}"}
+    codes = [httpx.get(gw_auth.url + "/v1/models", headers=h).status_code for _ in range(4)]
+    assert codes[:2] == [200, 200] and codes[-1] == 429
+    r = httpx.get(gw_auth.url + "/v1/models", headers=h)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+
+
+def test_queue_full_and_backend_down_still_serve_hits(engine, embedder, tmp_path):
+    dead = SGLangBackend(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    gw = make_gateway(tmp_path, engine, embedder, backend=dead)
+    from ctxcache.semantic import CacheRequest, context_fingerprint
+
+    msgs = [{"role": "user", "content": "What is the boiling point of water at sea level?"}]
+    fp = context_fingerprint(documents=["[]"], temperature=0.0, tools=None, model=MODEL,
+                             system="[]")
+    gw.semantic.insert(CacheRequest(msgs[0]["content"], context_fp=fp), {"text": "100 °C"})
+    srv = Server(create_app(gateway=gw))
+    try:
+        c = oa(srv.url)
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16)
+        assert r.choices[0].message.content == "100 °C"
+        from openai import APIStatusError
+
+        with pytest.raises(APIStatusError) as ei:
+            c.chat.completions.create(model=MODEL, max_tokens=16, messages=[
+                {"role": "user", "content": "Write a haiku about rain."}])
+        assert ei.value.status_code == 503
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        # a full queue answers 429 with Retry-After, and hits are still served
+        gw.gate.max_queue = 0
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": [
+            {"role": "user", "content": "Tell me about volcanoes."}], "max_tokens": 8})
+        assert r.status_code == 429 and "retry-after" in r.headers
+        assert c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16)
+    finally:
+        srv.stop()
+
+
+def test_client_disconnect_cancels_generation(gw_open):
+    with httpx.stream("POST", gw_open.url + "/v1/chat/completions", json={
+            "model": MODEL, "stream": True, "cache": False, "max_tokens": 400, "messages": [
+                {"role": "user", "content": "Write a very long story about a lighthouse."}]},
+            timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                break
+    t0 = time.time()
+    app_gw = gw_open.server.config.app.state.gw
+    while app_gw.gate.running and time.time() - t0 < 30:
+        time.sleep(0.1)
+    assert app_gw.gate.running == 0, "generation stopped after the client went away"
+
+
+def test_sglang_schema_backend_end_to_end(engine, embedder, tmp_path):
+    sg = Server(create_sglang_app(engine))
+    try:
+        # the SGLang-schema server itself
+        r = httpx.post(sg.url + "/generate", json={"text": "The capital of France is",
+                                                   "sampling_params": {"max_new_tokens": 4,
+                                                                       "temperature": 0}})
+        body = r.json()
+        assert body["text"] and body["meta_info"]["prompt_tokens"] > 0
+        assert body["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+        again = httpx.post(sg.url + "/generate", json={"text": "The capital of France is",
+                                                       "sampling_params": {"max_new_tokens": 4,
+                                                                           "temperature": 0}})
+        assert again.json()["meta_info"]["cached_tokens"] > 0
+        assert httpx.get(sg.url + "/get_model_info").json()["is_generation"] is True
+        # the gateway in front of it
+        gw = make_gateway(tmp_path, engine, embedder, backend=SGLangBackend(sg.url))
+        srv = Server(create_app(gateway=gw))
+        try:
+            c = oa(srv.url)
+            r = c.chat.completions.create(model=MODEL, max_tokens=24, messages=[
+                {"role": "user", "content": "What is the capital of France?"}])
+            assert "Paris" in r.choices[0].message.content
+            stream = c.chat.completions.create(model=MODEL, max_tokens=12, stream=True,
+                                               messages=[{"role": "user",
+                                                          "content": "Count to five."}])
+            text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            assert text
+            comp = c.completions.create(model=MODEL, prompt="Water freezes at", max_tokens=6)
+            assert comp.choices[0].text
+            rag = httpx.post(srv.url + "/v1/rag", json={
+                "question": "Where does the Danube end?", "max_tokens": 24,
+                "passages": ["The Danube flows into the Black Sea.", "The Rhine ends in the "
+                             "North Sea."]}, timeout=120).json()
+            assert rag["answer"] and rag["ctxcache"]["strategy"] == "sglang"
+            # same documents in another order → same SGLang prefix (canonical order)
+            assert SGLangBackend.canonical_passages(["b", "a"]) == \
+                SGLangBackend.canonical_passages(["a", "b"])
+            assert httpx.get(srv.url + "/health").json()["backend_healthy"] is True
+        finally:
+            srv.stop()
+    finally:
+        sg.stop()
