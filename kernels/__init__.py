@@ -1,5 +1,89 @@
-"""Triton kernels for the hot paths of chunk-KV reuse, each beside a plain-torch reference.
+"""Hot-path operations of chunk-KV reuse, with two interchangeable backends.
 
-Installed as ``ctxcache.kernels``. Importing this package never requires Triton: the torch
-references are always available and are the fallback on CPU.
+``get_ops("torch")`` — plain PyTorch (SDPA with a boolean position mask, index writes): the
+fallback on CPU. ``get_ops("triton")`` — our Triton kernels (``triton_ops.py``), for CUDA (or CPU
+under ``TRITON_INTERPRET=1``, for tests). ``get_ops("auto")`` picks Triton when CUDA and Triton
+are available. ``reference.py`` holds the plain definitions both are tested against.
+
+Installed as ``ctxcache.kernels``; importing it never requires Triton.
 """
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ctxcache.kernels.reference import kv_deviation_ref, rope_shift_ref
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    rope_shift: Callable[[Tensor, Tensor, Tensor], Tensor]  # in place on k, returns k
+    selective_attention: Callable[..., Tensor]
+    kv_deviation: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+    scatter_kv: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+
+
+def _torch_rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
+    k.copy_(rope_shift_ref(k, delta.to(k.device), inv_freq.to(k.device)))
+    return k
+
+
+def _torch_selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                               scale: float, key_bias: Tensor | None = None,
+                               k_sorted: bool | None = None) -> Tensor:
+    hq, hkv = q.shape[0], k.shape[0]
+    if q.shape[1] == 0:
+        return q.new_zeros(q.shape)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if key_bias is not None:
+        neg = torch.finfo(torch.float32).min
+        mask = torch.where(mask, key_bias[None, :].float(), torch.full_like(
+            key_bias[None, :].float(), neg)).to(q.dtype)
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=0)
+        v = v.repeat_interleave(hq // hkv, dim=0)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                          scale=scale)[0]
+
+
+def _torch_scatter(K: Tensor, V: Tensor, index: Tensor, k_rows: Tensor, v_rows: Tensor) -> None:
+    K[:, index] = k_rows
+    V[:, index] = v_rows
+
+
+TORCH_OPS = Ops("torch", _torch_rope_shift, _torch_selective_attention, kv_deviation_ref,
+                _torch_scatter)
+
+
+def triton_available(device: str | torch.device = "cuda") -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available()
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def get_ops(backend: str = "auto", device: str | torch.device = "cpu") -> Ops:
+    if backend == "torch":
+        return TORCH_OPS
+    if backend == "auto":
+        if torch.device(device).type == "cuda" and triton_available("cuda"):
+            backend = "triton"
+        else:
+            return TORCH_OPS
+    if backend != "triton":
+        from ctxcache.errors import InvalidInputError
+
+        raise InvalidInputError(f"unknown kernels backend {backend!r}; use torch, triton or auto")
+    from ctxcache.kernels import triton_ops as t
+
+    return Ops("triton", t.rope_shift, t.selective_attention, t.kv_deviation, t.scatter_kv)

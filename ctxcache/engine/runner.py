@@ -67,7 +67,9 @@ class PrefillOutput:
 class Engine:
     """Runs one HF causal LM with explicit positions and injectable K/V."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, kernels: str = "auto"):
+        from ctxcache.kernels import get_ops
+
         self.loaded = loaded
         self.hf = loaded.hf_model
         self.tokenizer = loaded.tokenizer
@@ -95,13 +97,16 @@ class Engine:
         self.device = self.embed_tokens.weight.device
         self.dtype = self.embed_tokens.weight.dtype
         self.eos_token_ids = self._eos_ids()
+        # hot-path ops of chunk reuse: Triton kernels on CUDA, plain torch otherwise
+        self.ops = get_ops(kernels, self.device)
         # One forward at a time: the HF modules and our buffers are not re-entrant.
         self.lock = threading.RLock()
 
     @classmethod
     def load(cls, name: str = DEFAULT_MODEL, *, device: str = "cpu",
-             dtype: str | torch.dtype = torch.float32, seed: int = 0) -> "Engine":
-        return cls(load_model(name, dtype=parse_dtype(dtype), device=device, seed=seed))
+             dtype: str | torch.dtype = torch.float32, seed: int = 0,
+             kernels: str = "auto") -> "Engine":
+        return cls(load_model(name, dtype=parse_dtype(dtype), device=device, seed=seed), kernels)
 
     # ------------------------------------------------------------------ validation
     def _eos_ids(self) -> set[int]:

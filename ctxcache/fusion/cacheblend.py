@@ -64,7 +64,8 @@ class CacheBlend(FusionStrategy):
 
         with timer("recompute"):
             out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
-                                    exact, selector, self.select_layers(engine.spec.num_layers))
+                                    exact, selector, self.select_layers(engine.spec.num_layers),
+                                    inplace=True)
         fill_stats(stats, ctx, ids, cached, out)
         return FusionResult(out.kv, out.logits, stats, token_ids=ids)
 

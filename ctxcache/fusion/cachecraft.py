@@ -34,9 +34,7 @@ from ctxcache.engine.kvcache import KVCache
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
 from ctxcache.fusion.cacheblend import _exact_prefix, fill_stats
-from ctxcache.fusion.chunks import (
-    Piece, all_ids, load_chunk, load_prefix, place, placeholder, resolve,
-)
+from ctxcache.fusion.chunks import Piece, all_ids, assemble, load_chunk, resolve
 from ctxcache.fusion.selective import ratio_schedule, selective_prefill
 from ctxcache.kv.keys import chunk_key
 
@@ -106,37 +104,28 @@ class CacheCraft(FusionStrategy):
         pieces = resolve(ctx, segments)
         ids = all_ids(pieces)
         chunk_pieces = [p for p in pieces if p.role == "chunk"]
-        with timer("load"):
-            prefix = load_prefix(ctx, pieces, stats)
-            parts = [prefix.kv] if prefix.kv is not None else []
-            cached_parts = [torch.ones(prefix.length, dtype=torch.bool)]
-            variant_used = 0
-            variant_hits: set[int] = set()
-            context = xxhash.xxh3_128()
-            variant_prefix: dict[int, str] = {}  # chunk start → prefix key of its variant
-            for p in pieces:
-                if p.role == "text":
-                    parts.append(placeholder(ctx, len(p.token_ids), p.start))
-                    cached_parts.append(torch.zeros(len(p.token_ids), dtype=torch.bool))
-                    context.update(b"text:" + torch.tensor(p.token_ids).numpy().tobytes())
-                    continue
-                if p.role == "prefix":
-                    context.update(p.key.encode())
-                    continue
+        variant_prefix: dict[int, str] = {}  # chunk start → prefix key of its variant
+        context = xxhash.xxh3_128()
+        for p in pieces:  # context of each chunk = everything before it
+            if p.role == "chunk":
                 variant_prefix[p.start] = "ctx:" + context.hexdigest()
-                vkey = chunk_key(engine.fingerprint, p.token_ids, variant_prefix[p.start])
-                ventry = store.get(vkey, ctx.namespace, device=engine.device)
-                if ventry is not None:
-                    variant_hits.add(p.start)
-                    variant_used += 1
-                    stats.chunk_hits += 1
-                    parts.append(place(ctx, ventry.kv.to(engine.device, engine.dtype), p.start))
-                else:
-                    parts.append(load_chunk(ctx, p, prefix, stats))
-                cached_parts.append(torch.ones(len(p.token_ids), dtype=torch.bool))
-                context.update(p.key.encode())
-            kv = KVCache.cat(parts)
-            cached = torch.cat(cached_parts).to(engine.device)
+            context.update(p.key.encode() if p.key else
+                           b"text:" + torch.tensor(p.token_ids).numpy().tobytes())
+        variant_hits: set[int] = set()
+
+        def loader(c, p, prefix, st):
+            """A repaired variant for exactly this context first, else the plain chunk."""
+            vkey = chunk_key(engine.fingerprint, p.token_ids, variant_prefix[p.start])
+            ventry = store.get(vkey, ctx.namespace)
+            if ventry is not None:
+                variant_hits.add(p.start)
+                st.chunk_hits += 1
+                return ventry.kv
+            return load_chunk(c, p, prefix, st)
+
+        with timer("load"):
+            kv, cached = assemble(ctx, pieces, stats, loader)
+        variant_used = len(variant_hits)
         exact = _exact_prefix(pieces, cached)
         # per-token chunk index (−1: not a chunk) and per-chunk budgets
         owner = torch.full((len(ids),), -1, dtype=torch.long, device=engine.device)
@@ -164,7 +153,7 @@ class CacheCraft(FusionStrategy):
         with timer("recompute"):
             out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
                                     exact, selector, set(range(1, min(1 + self.narrow_layers, L))),
-                                    probe_layer=L // 2)
+                                    probe_layer=L // 2, inplace=True)
         with timer("learn"):
             self._learn(out, owner, chunk_pieces, ids)
             recomputed_share = self._store_variants(ctx, out, chunk_pieces, owner,

@@ -7,7 +7,7 @@ store) of each chunk's cache, and re-positioning of cached keys with RoPE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -115,7 +115,10 @@ def place(ctx: FusionContext, kv: KVCache, start: int) -> KVCache:
     delta = start - int(kv.positions[0])
     if delta == 0:
         return kv
-    k = ctx.engine.rope.shift(kv.k, delta)
+    e = ctx.engine
+    k = e.ops.rope_shift(kv.k.to(e.device, copy=True).contiguous(),
+                         torch.full((kv.num_tokens,), delta, device=e.device),
+                         e.rope.inv_freq.to(e.device))
     return KVCache(k, kv.v, kv.positions + delta)
 
 
@@ -151,7 +154,7 @@ def load_prefix(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats)
 
 def load_chunk(ctx: FusionContext, piece: Piece, prefix: PrefixState, stats: FusionStats
                ) -> KVCache:
-    """A chunk's cache placed at ``piece.start``.
+    """A chunk's cache, at the positions it was encoded at (not yet placed).
 
     Chunks are encoded *after the shared prefix* when there is one (keyed by chunk + prefix):
     the chunk then sees the same attention sink and instructions as in the real prompt, which
@@ -163,35 +166,51 @@ def load_chunk(ctx: FusionContext, piece: Piece, prefix: PrefixState, stats: Fus
         ckey = chunk_key(engine.fingerprint, piece.token_ids, prefix.key)
         if not ctx.store.contains(ckey, ctx.namespace) and ctx.store.contains(
                 piece.key, ctx.namespace):
-            _, kv = chunk_kv(ctx, piece.token_ids, stats)
             stats.extra["unconditioned_chunks"] = stats.extra.get("unconditioned_chunks", 0) + 1
-        else:
-            _, kv = chunk_kv(ctx, piece.token_ids, stats, prefix=prefix.kv,
-                             prefix_key=prefix.key)
-    else:
-        _, kv = chunk_kv(ctx, piece.token_ids, stats)
-    return place(ctx, kv, piece.start)
+            return chunk_kv(ctx, piece.token_ids, stats)[1]
+        return chunk_kv(ctx, piece.token_ids, stats, prefix=prefix.kv, prefix_key=prefix.key)[1]
+    return chunk_kv(ctx, piece.token_ids, stats)[1]
 
 
-def assemble(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats
-             ) -> tuple[KVCache, Tensor]:
-    """Concatenate the prefix, cached chunks (re-positioned) and placeholders for text.
+Loader = Callable[[FusionContext, Piece, PrefixState, FusionStats], KVCache]
 
-    Returns the K/V and a bool mask of the tokens that came from a cache.
+
+def assemble(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats,
+             loader: Loader = load_chunk) -> tuple[KVCache, Tensor]:
+    """The prompt's K/V in one fresh buffer: the prefix, cached chunks moved to their place,
+    zeros for text. Returns it and a bool mask of the tokens that came from a cache.
+
+    Each chunk is copied straight from its tier into its slot (a host→GPU copy when it lives in
+    pinned memory), then one RoPE-shift pass over the buffer moves every chunk to its position.
     """
+    engine = ctx.engine
+    s = engine.spec
+    n = pieces[-1].end
+    K = torch.zeros(s.num_layers, s.num_kv_heads, n, s.head_dim, dtype=engine.dtype,
+                    device=engine.device)
+    V = torch.zeros_like(K)
+    delta = torch.zeros(n, dtype=torch.int32)
+    cached = torch.zeros(n, dtype=torch.bool)
     prefix = load_prefix(ctx, pieces, stats)
-    parts = [prefix.kv] if prefix.kv is not None else []
-    cached = [torch.ones(prefix.length, dtype=torch.bool)]
+    if prefix.kv is not None:
+        K[:, :, : prefix.length].copy_(prefix.kv.k, non_blocking=True)
+        V[:, :, : prefix.length].copy_(prefix.kv.v, non_blocking=True)
+        cached[: prefix.length] = True
+    shifted = False
     for p in pieces:
-        if p.role == "prefix":
+        if p.role != "chunk":
             continue
-        if p.role == "text":
-            parts.append(placeholder(ctx, len(p.token_ids), p.start))
-            cached.append(torch.zeros(len(p.token_ids), dtype=torch.bool))
-            continue
-        parts.append(load_chunk(ctx, p, prefix, stats))
-        cached.append(torch.ones(len(p.token_ids), dtype=torch.bool))
-    return KVCache.cat(parts), torch.cat(cached).to(ctx.engine.device)
+        kv = loader(ctx, p, prefix, stats)
+        K[:, :, p.start:p.end].copy_(kv.k, non_blocking=True)
+        V[:, :, p.start:p.end].copy_(kv.v, non_blocking=True)
+        d = p.start - int(kv.positions[0])
+        delta[p.start:p.end] = d
+        shifted |= d != 0
+        cached[p.start:p.end] = True
+    if shifted:
+        engine.ops.rope_shift(K, delta.to(engine.device), engine.rope.inv_freq.to(engine.device))
+    pos = torch.arange(n, device=engine.device)
+    return KVCache(K, V, pos), cached.to(engine.device)
 
 
 def full_flops(ctx: FusionContext, n: int) -> float:

@@ -79,45 +79,49 @@ def selective_prefill(
     selector: Selector,
     select_layers: set[int],
     probe_layer: int | None = None,
+    inplace: bool = False,
 ) -> SelectiveOutput:
     """Run the layer loop over the non-exact tokens, narrowing at ``select_layers``.
 
     ``cached`` marks tokens whose K/V came from a cache (candidates for reuse), ``exact`` the
     ones whose cached K/V is already exact (a prefix at its own positions): never recomputed.
+    ``inplace`` lets the call write into ``kv``'s buffers (when the caller owns them).
     """
     L = engine.spec.num_layers
-    K, V = kv.k.clone(), kv.v.clone()
+    ops = engine.ops
+    K, V = (kv.k, kv.v) if inplace else (kv.k.clone(), kv.v.clone())
     pos = kv.positions.to(engine.device)
     active = torch.nonzero(~exact).flatten()
     must = ~cached[active]
     lin = linear_flops_per_token(engine.spec) / L
+    qkv_share = _qkv_share(engine)
     flops = 0.0
     computed = 0
     probe = None
+    k_sorted = bool(torch.all(pos[1:] >= pos[:-1])) if pos.numel() > 1 else True
     with engine.lock:
         h = engine.embed(ids[active])
-        mask = pos[None, :] <= pos[active][:, None]
         for layer in range(L):
             q, k, v = engine.qkv(layer, h, pos[active])
             if layer in select_layers:
-                dev = kv_deviation(k, v, K[layer][:, active], V[layer][:, active])
+                dev = ops.kv_deviation(k, v, K[layer][:, active], V[layer][:, active])
                 dev = dev.masked_fill(must, float("inf"))
                 keep = selector(layer, active, dev)
-                # the probe of Q/K/V for dropped tokens is a partial layer of work
-                qkv_share = _qkv_share(engine)
+                # the Q/K/V probe of the tokens dropped here is a partial layer of work
                 flops += lin * qkv_share * int((~keep).sum())
                 active, must = active[keep], must[keep]
                 q, k, v, h = q[:, keep], k[:, keep], v[:, keep], h[keep]
-                mask = mask[keep]
-            K[layer][:, active] = k
-            V[layer][:, active] = v
+            ops.scatter_kv(K[layer], V[layer], active, k, v)
+            q_pos = pos[active]
             if probe_layer == layer:
-                probe = _attention_probs(engine, q, K[layer], mask)
-            a = engine.attend(q, K[layer], V[layer], mask=mask)
-            h = engine.finish_layer(layer, h, a)
+                probe = _attention_probs(engine, q, K[layer], pos[None, :] <= q_pos[:, None])
+            a = ops.selective_attention(q, K[layer], V[layer], q_pos, pos, engine.scaling,
+                                        k_sorted=k_sorted)
+            h = engine.finish_layer(layer, h, a.transpose(0, 1).reshape(q.shape[1], -1))
             n = active.numel()
             computed += n
-            flops += lin * n + attention_flops(engine.spec, n, float(mask.sum()) / max(n, 1)) / L
+            flops += lin * n + attention_flops(engine.spec, n, float(q_pos.float().mean() + 1)
+                                               if n else 0.0) / L
         logits = engine.logits(h[-1:])[0]
     return SelectiveOutput(KVCache(K, V, pos), logits, computed, flops, active, probe)
 

@@ -1,0 +1,236 @@
+"""Triton kernels for chunk-KV reuse. Each has a torch reference in ``reference.py``.
+
+* ``rope_shift``          re-rotate cached keys by per-token position deltas, in place, batched
+                          over layers and heads (one pass over the bytes, fp32 math).
+* ``selective_attention`` flash-style attention of a gathered subset of queries over the whole
+                          mixed K/V, causal by original positions, GQA, optional per-key bias,
+                          online softmax with fp32 accumulation; key blocks past a query block's
+                          last visible position are skipped when keys are position-sorted.
+* ``kv_deviation``        per-token ‖ΔK‖² + ‖ΔV‖² summed over heads without materialising the
+                          difference; top-k is then a [T]-vector topk.
+* ``scatter_kv``          write recomputed K and V rows into the reused buffers at their indices
+                          (one launch for both).
+
+All run on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (slow: tests use tiny shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+# ---------------------------------------------------------------------------- rope_shift
+@triton.jit
+def _rope_shift_kernel(K, delta, inv_freq, n_rows, T, stride_row, stride_t,
+                       HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0)  # (layer, head) flattened
+    tb = tl.program_id(1)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    j = tl.arange(0, HALF)
+    d = tl.load(delta + t, mask=tmask, other=0).to(tl.float32)
+    f = tl.load(inv_freq + j)
+    ang = d[:, None] * f[None, :]
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    base = K + row * stride_row + t[:, None] * stride_t
+    m = tmask[:, None]
+    x1 = tl.load(base + j[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    o1 = x1 * c - x2 * s
+    o2 = x2 * c + x1 * s
+    tl.store(base + j[None, :], o1.to(K.dtype.element_ty), mask=m)
+    tl.store(base + HALF + j[None, :], o2.to(K.dtype.element_ty), mask=m)
+
+
+def _row_stride(k: Tensor) -> int:
+    """Stride between consecutive [T, D] planes when all leading dims flatten uniformly."""
+    if k.dim() == 2:
+        return 0
+    for i in range(k.dim() - 4, -1, -1):
+        if k.shape[i] > 1 and k.stride(i) != k.stride(i + 1) * k.shape[i + 1]:
+            raise ValueError("rope_shift needs leading dims that flatten with one stride")
+    return k.stride(-3)
+
+
+def rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate ``k`` [..., T, D] in place by ``delta`` [T]; returns ``k``.
+
+    ``k`` may be a token slice of a bigger buffer (e.g. ``K[:, :, a:b]`` of [L, H, N, D]): the
+    leading dims only need one uniform stride and the last dim must be contiguous.
+    """
+    T, D = k.shape[-2], k.shape[-1]
+    if k.numel() == 0:
+        return k
+    if k.stride(-1) != 1:
+        raise ValueError("rope_shift needs a contiguous last dimension")
+    rows = k.numel() // (T * D)
+    BLOCK_T = 32
+    grid = (rows, triton.cdiv(T, BLOCK_T))
+    _rope_shift_kernel[grid](k, delta.to(torch.int32).contiguous(),
+                             inv_freq.to(torch.float32).contiguous(), rows, T, _row_stride(k),
+                             k.stride(-2), HALF=D // 2, BLOCK_T=BLOCK_T)
+    return k
+
+
+# ---------------------------------------------------------------------------- attention
+@triton.jit
+def _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, hi, kvh, skh, skt, svh, svt,
+                qk_scale, HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of the online softmax (shared by the two loop forms below)."""
+    offs_d = tl.arange(0, D)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    nmask = offs_n < hi
+    k = tl.load(K + kvh * skh + offs_n[:, None] * skt + offs_d[None, :],
+                mask=nmask[:, None], other=0.0)
+    kp = tl.load(kpos + offs_n, mask=nmask, other=2147483647)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if HAS_BIAS:
+        b = tl.load(bias + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        s = s + b[None, :] * 1.4426950408889634
+    visible = (kp[None, :] <= qp[:, None]) & nmask[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + kvh * svh + offs_n[:, None] * svt + offs_d[None, :],
+                mask=nmask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
+                     sqh, sqt, skh, skt, svh, svt, soh, sot,
+                     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DYN_HI: tl.constexpr,
+                     TK_CONST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mmask = offs_m < Tq
+    q = tl.load(Q + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mmask[:, None],
+                other=0.0)
+    qp = tl.load(qpos + offs_m, mask=mmask, other=-1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    qk_scale = scale * 1.4426950408889634  # exp2 domain
+    if DYN_HI:  # skip key blocks past the block's last visible position (sorted keys)
+        hi = tl.load(kv_hi + pid_m)
+        for start_n in range(0, hi, BLOCK_N):
+            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, hi,
+                                        kvh, skh, skt, svh, svt, qk_scale, HAS_BIAS, D, BLOCK_N)
+    else:  # the CPU interpreter (numpy 2) cannot loop to a runtime bound: constant bound
+        for start_n in range(0, TK_CONST, BLOCK_N):
+            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias,
+                                        TK_CONST, kvh, skh, skt, svh, svt, qk_scale, HAS_BIAS,
+                                        D, BLOCK_N)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mmask[:, None])
+
+
+def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                        scale: float, key_bias: Tensor | None = None,
+                        k_sorted: bool | None = None) -> Tensor:
+    """See ``reference.selective_attention_ref``. q [Hq, Tq, D], k/v [Hkv, Tk, D] (last dim
+    contiguous), positions int. Returns [Hq, Tq, D]."""
+    hq, tq, d = q.shape
+    hkv, tk, _ = k.shape
+    out = torch.empty_like(q)
+    if tq == 0:
+        return out
+    BLOCK_M, BLOCK_N = (64, 64) if d <= 128 else (32, 32)
+    if q.device.type == "cpu":  # interpreter: small blocks keep tests fast
+        BLOCK_M, BLOCK_N = 16, 16
+    n_mb = triton.cdiv(tq, BLOCK_M)
+    qp = q_pos.to(torch.int32).contiguous()
+    kp = k_pos.to(torch.int32).contiguous()
+    # per query block: number of keys that can be visible (all when keys are unsorted)
+    if k_sorted is None:
+        k_sorted = bool(torch.all(kp[1:] >= kp[:-1])) if tk > 1 else True
+    if k_sorted and tk:
+        pad = torch.full((n_mb * BLOCK_M - tq,), -1, dtype=torch.int32, device=q.device)
+        block_max = torch.cat([qp, pad]).view(n_mb, BLOCK_M).amax(1)
+        hi = torch.searchsorted(kp, block_max, right=True).to(torch.int32)
+    else:
+        hi = torch.full((n_mb,), tk, dtype=torch.int32, device=q.device)
+    bias = key_bias.to(torch.float32).contiguous() if key_bias is not None else kp
+    _sel_attn_kernel[(n_mb, hq)](
+        q, k, v, out, qp, kp, bias, hi, scale, tq, tk,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=hq // hkv, HAS_BIAS=key_bias is not None, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        DYN_HI=q.device.type == "cuda", TK_CONST=0 if q.device.type == "cuda" else tk,
+        num_warps=4, num_stages=2 if q.device.type == "cuda" else 1)
+    return out
+
+
+# ---------------------------------------------------------------------------- deviation
+@triton.jit
+def _kv_dev_kernel(KN, VN, KO, VO, out, T, s_nh, s_nt, s_oh, s_ot,
+                   H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    tb = tl.program_id(0)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    d = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_T], tl.float32)
+    m = tmask[:, None]
+    for h in range(0, H):
+        kn = tl.load(KN + h * s_nh + t[:, None] * s_nt + d[None, :], mask=m, other=0.0)
+        ko = tl.load(KO + h * s_oh + t[:, None] * s_ot + d[None, :], mask=m, other=0.0)
+        vn = tl.load(VN + h * s_nh + t[:, None] * s_nt + d[None, :], mask=m, other=0.0)
+        vo = tl.load(VO + h * s_oh + t[:, None] * s_ot + d[None, :], mask=m, other=0.0)
+        dk = kn.to(tl.float32) - ko.to(tl.float32)
+        dv = vn.to(tl.float32) - vo.to(tl.float32)
+        acc += tl.sum(dk * dk + dv * dv, 1)
+    tl.store(out + t, acc, mask=tmask)
+
+
+def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> Tensor:
+    """[T] fp32 deviation; new/old [H, T, D] with equal strides between K and V."""
+    h, t, d = k_new.shape
+    out = torch.empty(t, dtype=torch.float32, device=k_new.device)
+    if t == 0:
+        return out
+    k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    if k_old.stride() != v_old.stride():
+        k_old, v_old = k_old.contiguous(), v_old.contiguous()
+    BLOCK_T = 32
+    _kv_dev_kernel[(triton.cdiv(t, BLOCK_T),)](
+        k_new, v_new, k_old, v_old, out, t, k_new.stride(0), k_new.stride(1),
+        k_old.stride(0), k_old.stride(1), H=h, D=d, BLOCK_T=BLOCK_T)
+    return out
+
+
+# ---------------------------------------------------------------------------- scatter
+@triton.jit
+def _scatter_kernel(K, V, idx, KR, VR, n, s_h, s_t, r_h, r_t, D: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    dst = tl.load(idx + i)
+    kr = tl.load(KR + h * r_h + i * r_t + d)
+    vr = tl.load(VR + h * r_h + i * r_t + d)
+    tl.store(K + h * s_h + dst * s_t + d, kr.to(K.dtype.element_ty))
+    tl.store(V + h * s_h + dst * s_t + d, vr.to(V.dtype.element_ty))
+
+
+def scatter_kv(K: Tensor, V: Tensor, index: Tensor, k_rows: Tensor, v_rows: Tensor) -> None:
+    """K[:, index[i]] = k_rows[:, i] and the same for V, in one launch. K/V [H, T, D]."""
+    n = index.numel()
+    if n == 0:
+        return
+    h, _, d = K.shape
+    assert K.stride() == V.stride(), "K and V buffers must share a layout"
+    k_rows, v_rows = k_rows.contiguous(), v_rows.contiguous()
+    _scatter_kernel[(n, h)](K, V, index.to(torch.int32).contiguous(), k_rows, v_rows, n,
+                            K.stride(0), K.stride(1), k_rows.stride(0), k_rows.stride(1), D=d)
