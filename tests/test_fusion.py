@@ -143,6 +143,13 @@ def test_cachecraft_learns_budgets_and_keeps_variants(ctx, engine):
     assert r1.stats.extra["chunk_budgets"] != r2.stats.extra["chunk_budgets"]
     budgets = cc.budgets([p for p in cc.table])
     assert all(0.0 <= b <= 1.0 for b in budgets)
+    # once every chunk has stored token scores, selection happens before any layer runs
+    assert r2.stats.extra["preselected"]
+    fresh = CacheCraft(base_ratio=0.15)
+    first = fresh.build(ctx, segs(engine, DOCS[::-1]))
+    second = fresh.build(ctx, segs(engine, DOCS[::-1]))
+    assert not first.stats.extra["preselected"] and second.stats.extra["preselected"]
+    assert second.stats.flops < first.stats.flops
 
 
 def test_bad_segment_lists(ctx, engine, tiny_engines):

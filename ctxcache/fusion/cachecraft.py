@@ -15,6 +15,10 @@ measures that dependence and spends recompute where it matters:
   variant keyed by chunk + the keys of the chunks before it, and used the next time the chunk
   appears after the same context.
 * **Eviction value**: every reuse reports the compute it saved to the store (GDSF priority).
+* **Selection from stored metadata**: the layer-1 K/V deviation of each chunk token observed on
+  a chunk's first uses is kept; once every chunk of a prompt has such scores, tokens are chosen
+  *before* any layer runs (no full first layer, no live probe), which lowers the compute floor
+  from ≈ 2/L + r to ≈ r of full prefill.
 
 The impact table lives in the strategy instance (process memory); it is rebuilt from traffic
 after a restart — an approximation of the paper's persisted chunk metadata.
@@ -50,7 +54,8 @@ class CacheCraft(FusionStrategy):
 
     def __init__(self, base_ratio: float = 0.15, max_ratio: float = 1.0,
                  reuse_below: float = 0.02, full_above: float = 0.9, variant_above: float = 0.5,
-                 ema: float = 0.5, widen: float = 1.5, narrow_layers: int = 3):
+                 ema: float = 0.5, widen: float = 1.5, narrow_layers: int = 3,
+                 preselect: bool = True):
         for name, v in (("base_ratio", base_ratio), ("max_ratio", max_ratio),
                         ("reuse_below", reuse_below), ("full_above", full_above),
                         ("variant_above", variant_above), ("ema", ema)):
@@ -65,6 +70,8 @@ class CacheCraft(FusionStrategy):
         self.widen = widen
         self.narrow_layers = narrow_layers
         self.table: dict[str, ChunkImpact] = {}
+        self.token_scores: dict[str, torch.Tensor] = {}  # chunk key → layer-1 deviation [n]
+        self.preselect = preselect
 
     def describe(self) -> dict:
         return {"name": self.name, "base_ratio": self.base, "reuse_below": self.reuse_below,
@@ -136,11 +143,21 @@ class CacheCraft(FusionStrategy):
             if p.start in variant_hits:
                 budgets[ci] = 0.0
         sizes = [len(p.token_ids) for p in chunk_pieces]
+        pre = self.preselect and chunk_pieces and all(
+            p.key in self.token_scores or p.start in variant_hits for p in chunk_pieces)
+        if pre:  # stored per-token scores stand in for the live deviation
+            stored = torch.zeros(len(ids), device=engine.device)
+            for p in chunk_pieces:
+                if p.key in self.token_scores:
+                    stored[p.start:p.end] = self.token_scores[p.key].to(engine.device)
 
         def selector(layer, active, dev):
+            if pre:
+                dev = torch.where(torch.isinf(dev), dev, stored[active])
             keep = torch.isinf(dev).clone()
             for ci, r in enumerate(budgets):
-                frac = ratio_schedule(r, layer, 1, self.widen, self.narrow_layers)
+                frac = r if pre else ratio_schedule(r, layer, 1, self.widen,
+                                                    self.narrow_layers)
                 k = int(math.ceil(frac * sizes[ci] - 1e-9))
                 idx = torch.nonzero(owner[active] == ci).flatten()
                 k = min(k, idx.numel())
@@ -152,10 +169,17 @@ class CacheCraft(FusionStrategy):
         L = engine.spec.num_layers
         with timer("recompute"):
             out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
-                                    exact, selector, set(range(1, min(1 + self.narrow_layers, L))),
+                                    exact, selector,
+                                    {0} if pre else set(range(1, min(1 + self.narrow_layers, L))),
                                     probe_layer=L // 2, inplace=True)
         with timer("learn"):
             self._learn(out, owner, chunk_pieces, ids)
+            if not pre and out.deviations and 1 in out.deviations:
+                idx, dev = out.deviations[1]
+                for ci, p in enumerate(chunk_pieces):
+                    sel = (owner[idx] == ci)
+                    if int(sel.sum()) == len(p.token_ids):
+                        self.token_scores[p.key] = dev[sel].float().cpu()
             recomputed_share = self._store_variants(ctx, out, chunk_pieces, owner,
                                                     variant_prefix, budgets)
             for ci, p in enumerate(chunk_pieces):
@@ -163,6 +187,7 @@ class CacheCraft(FusionStrategy):
                 store.reuse_hint(p.key, ctx.namespace, saved)
         fill_stats(stats, ctx, ids, cached, out)
         stats.extra.update({"chunk_budgets": [round(b, 4) for b in budgets],
+                            "preselected": bool(pre),
                             "variants_used": variant_used,
                             "recomputed_share": recomputed_share})
         return FusionResult(out.kv, out.logits, stats, token_ids=ids)

@@ -37,6 +37,7 @@ class SelectiveOutput:
     flops: float
     recomputed: Tensor  # global indices active in the last layer
     probe_attention: Tensor | None = None  # [n_active, N] mean attention at the probe layer
+    deviations: dict | None = None  # layer → (global indices, deviation) at selection layers
 
 
 def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> Tensor:
@@ -98,6 +99,7 @@ def selective_prefill(
     flops = 0.0
     computed = 0
     probe = None
+    deviations = {}
     k_sorted = bool(torch.all(pos[1:] >= pos[:-1])) if pos.numel() > 1 else True
     with engine.lock:
         h = engine.embed(ids[active])
@@ -106,6 +108,7 @@ def selective_prefill(
             if layer in select_layers:
                 dev = ops.kv_deviation(k, v, K[layer][:, active], V[layer][:, active])
                 dev = dev.masked_fill(must, float("inf"))
+                deviations[layer] = (active, dev)
                 keep = selector(layer, active, dev)
                 # the Q/K/V probe of the tokens dropped here is a partial layer of work
                 flops += lin * qkv_share * int((~keep).sum())
@@ -123,7 +126,8 @@ def selective_prefill(
             flops += lin * n + attention_flops(engine.spec, n, float(q_pos.float().mean() + 1)
                                                if n else 0.0) / L
         logits = engine.logits(h[-1:])[0]
-    return SelectiveOutput(KVCache(K, V, pos), logits, computed, flops, active, probe)
+    return SelectiveOutput(KVCache(K, V, pos), logits, computed, flops, active, probe,
+                           deviations)
 
 
 def _qkv_share(engine: Engine) -> float:
