@@ -139,6 +139,7 @@ def main() -> None:
                         ("cacheblend 30%", CacheBlend(0.30), engine),
                         ("cacheblend 15% (torch ops)", CacheBlend(0.15), torch_engine),
                         ("cachecraft 15%", cc, engine), ("ape", APE(), engine)]
+            rng = random.Random(n)
             for name, strat, eng in variants:
                 c = FusionContext(eng, store)
                 if name.startswith("cachecraft"):
@@ -146,7 +147,12 @@ def main() -> None:
                 res = {}
 
                 def run():
-                    r = strat.build(c, segs)
+                    prompt = segs
+                    if name == "prefix":  # a retrieval order never seen before: only the
+                        mid = segs[1:-1][:]  # system prompt is a prefix hit
+                        rng.shuffle(mid)
+                        prompt = [segs[0]] + mid + [segs[-1]]
+                    r = strat.build(c, prompt)
                     r.logits.argmax().item()
                     res["r"] = r
 

@@ -28,6 +28,7 @@ class Ops:
     selective_attention: Callable[..., Tensor]
     kv_deviation: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
     scatter_kv: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+    plan: Callable[..., object] = lambda q_pos, k_pos, head_dim, k_sorted=None: None
 
 
 def _torch_rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
@@ -37,7 +38,7 @@ def _torch_rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
 
 def _torch_selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                                scale: float, key_bias: Tensor | None = None,
-                               k_sorted: bool | None = None) -> Tensor:
+                               k_sorted: bool | None = None, plan=None) -> Tensor:
     hq, hkv = q.shape[0], k.shape[0]
     if q.shape[1] == 0:
         return q.new_zeros(q.shape)
@@ -86,4 +87,5 @@ def get_ops(backend: str = "auto", device: str | torch.device = "cpu") -> Ops:
         raise InvalidInputError(f"unknown kernels backend {backend!r}; use torch, triton or auto")
     from ctxcache.kernels import triton_ops as t
 
-    return Ops("triton", t.rope_shift, t.selective_attention, t.kv_deviation, t.scatter_kv)
+    return Ops("triton", t.rope_shift, t.selective_attention, t.kv_deviation, t.scatter_kv,
+               t.attention_plan)

@@ -138,33 +138,49 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
              mask=mmask[:, None])
 
 
-def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
-                        scale: float, key_bias: Tensor | None = None,
-                        k_sorted: bool | None = None) -> Tensor:
-    """See ``reference.selective_attention_ref``. q [Hq, Tq, D], k/v [Hkv, Tk, D] (last dim
-    contiguous), positions int. Returns [Hq, Tq, D]."""
-    hq, tq, d = q.shape
-    hkv, tk, _ = k.shape
-    out = torch.empty_like(q)
-    if tq == 0:
-        return out
-    BLOCK_M, BLOCK_N = (64, 64) if d <= 128 else (32, 32)
-    if q.device.type == "cpu":  # interpreter: small blocks keep tests fast
-        BLOCK_M, BLOCK_N = 16, 16
-    n_mb = triton.cdiv(tq, BLOCK_M)
+def _blocks(d: int, device_type: str) -> tuple[int, int]:
+    if device_type == "cpu":  # interpreter: small blocks keep tests fast
+        return 16, 16
+    return (64, 64) if d <= 128 else (32, 32)
+
+
+def attention_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int,
+                   k_sorted: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Position tensors as int32 and, per query block, how many keys can be visible.
+
+    Depends only on positions, so a layer loop computes it once per set of active tokens.
+    """
+    tq, tk = q_pos.numel(), k_pos.numel()
+    block_m, _ = _blocks(head_dim, q_pos.device.type)
+    n_mb = max(1, triton.cdiv(tq, block_m))
     qp = q_pos.to(torch.int32).contiguous()
     kp = k_pos.to(torch.int32).contiguous()
-    # per query block: number of keys that can be visible (all when keys are unsorted)
     if k_sorted is None:
         k_sorted = bool(torch.all(kp[1:] >= kp[:-1])) if tk > 1 else True
-    if k_sorted and tk:
-        pad = torch.full((n_mb * BLOCK_M - tq,), -1, dtype=torch.int32, device=q.device)
-        block_max = torch.cat([qp, pad]).view(n_mb, BLOCK_M).amax(1)
+    if k_sorted and tk and tq:
+        pad = torch.full((n_mb * block_m - tq,), -1, dtype=torch.int32, device=qp.device)
+        block_max = torch.cat([qp, pad]).view(n_mb, block_m).amax(1)
         hi = torch.searchsorted(kp, block_max, right=True).to(torch.int32)
     else:
-        hi = torch.full((n_mb,), tk, dtype=torch.int32, device=q.device)
+        hi = torch.full((n_mb,), tk, dtype=torch.int32, device=qp.device)
+    return qp, kp, hi
+
+
+def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                        scale: float, key_bias: Tensor | None = None,
+                        k_sorted: bool | None = None, plan=None) -> Tensor:
+    """See ``reference.selective_attention_ref``. q [Hq, Tq, D], k/v [Hkv, Tk, D] (last dim
+    contiguous), positions int. Returns [Hq, Tq, D] — a view of a [Tq, Hq, D] buffer, so the
+    caller's reshape to [Tq, Hq·D] costs no copy."""
+    hq, tq, d = q.shape
+    hkv, tk, _ = k.shape
+    out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
+    if tq == 0:
+        return out
+    BLOCK_M, BLOCK_N = _blocks(d, q.device.type)
+    qp, kp, hi = plan if plan is not None else attention_plan(q_pos, k_pos, d, k_sorted)
     bias = key_bias.to(torch.float32).contiguous() if key_bias is not None else kp
-    _sel_attn_kernel[(n_mb, hq)](
+    _sel_attn_kernel[(hi.numel(), hq)](
         q, k, v, out, qp, kp, bias, hi, scale, tq, tk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
@@ -231,6 +247,7 @@ def scatter_kv(K: Tensor, V: Tensor, index: Tensor, k_rows: Tensor, v_rows: Tens
         return
     h, _, d = K.shape
     assert K.stride() == V.stride(), "K and V buffers must share a layout"
-    k_rows, v_rows = k_rows.contiguous(), v_rows.contiguous()
+    if k_rows.stride() != v_rows.stride() or k_rows.stride(-1) != 1:
+        k_rows, v_rows = k_rows.contiguous(), v_rows.contiguous()
     _scatter_kernel[(n, h)](K, V, index.to(torch.int32).contiguous(), k_rows, v_rows, n,
                             K.stride(0), K.stride(1), k_rows.stride(0), k_rows.stride(1), D=d)

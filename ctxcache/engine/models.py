@@ -89,6 +89,7 @@ class LoadedModel:
     tokenizer: Any | None
     name: str
     fingerprint: str
+    fused: Any = None  # fused per-layer weights, built by the first Engine over this model
 
 
 def cache_dir() -> Path:

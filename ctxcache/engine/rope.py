@@ -29,6 +29,24 @@ class Rope:
     def __init__(self, inv_freq: Tensor, attention_scaling: float = 1.0):
         self.inv_freq = inv_freq.detach().to(torch.float32)
         self.attention_scaling = float(attention_scaling)
+        self._on: dict = {}
+        self._table: dict = {}  # device → (cos, sin) [max_pos, D] fp32, grown on demand
+
+    def inv_freq_on(self, device) -> Tensor:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = self.inv_freq.to(device)
+        return self._on[key]
+
+    def _tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        key = str(positions.device)
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        tab = self._table.get(key)
+        if tab is None or tab[0].shape[0] < need:
+            n = max(need, 2 * (tab[0].shape[0] if tab is not None else 2048))
+            cos, sin = self.cos_sin(torch.arange(n, device=positions.device))
+            tab = self._table[key] = (cos, sin)
+        return tab
 
     @classmethod
     def from_hf(cls, rotary_emb) -> "Rope":
@@ -42,8 +60,16 @@ class Rope:
         return emb.cos() * scale, emb.sin() * scale
 
     def apply(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate ``x`` [H, T, D] to ``positions`` [T]; math in x's dtype, as HF does."""
-        cos, sin = self.cos_sin(positions, self.attention_scaling)
+        """Rotate ``x`` [H, T, D] to ``positions`` [T]; math in x's dtype, as HF does.
+
+        cos/sin come from a table cached per device (non-negative positions)."""
+        if positions.numel() and int(positions.min()) >= 0:
+            cos_t, sin_t = self._tables(positions)
+            cos, sin = cos_t[positions], sin_t[positions]
+            if self.attention_scaling != 1.0:
+                cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        else:
+            cos, sin = self.cos_sin(positions, self.attention_scaling)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return x * cos + rotate_half(x) * sin
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctxcache.engine.rope import Rope
-from ctxcache.errors import InvalidInputError, KVMismatchError
+from ctxcache.errors import InvalidInputError, KVMismatchError, ModelLoadError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -99,6 +99,11 @@ class Engine:
         self.eos_token_ids = self._eos_ids()
         # hot-path ops of chunk reuse: Triton kernels on CUDA, plain torch otherwise
         self.ops = get_ops(kernels, self.device)
+        act = getattr(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ModelLoadError(f"model {self.name} uses activation {act!r}; only SiLU is supported")
+        self._w = loaded.fused if getattr(loaded, "fused", None) else self._fuse_weights()
+        loaded.fused = self._w  # a second Engine over the same weights shares them
         # One forward at a time: the HF modules and our buffers are not re-entrant.
         self.lock = threading.RLock()
 
@@ -167,22 +172,73 @@ class Engine:
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)  # [T, hidden]
 
+    def _fuse_weights(self) -> list[dict]:
+        """Per layer: Q/K/V and gate/up weights concatenated into one matrix each, so a layer
+        runs 4 GEMMs instead of 7, called through F.linear without module overhead. The module
+        weights become views into the fused tensors: no extra memory, HF forward unchanged."""
+        out = []
+        for blk in self.layers:
+            a, mlp = blk.self_attn, blk.mlp
+            w = {}
+            with torch.no_grad():
+                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+                nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
+                a.q_proj.weight.data = qkv[:nq]
+                a.k_proj.weight.data = qkv[nq:nq + nk]
+                a.v_proj.weight.data = qkv[nq + nk:]
+                w["qkv"] = qkv
+                w["qkv_b"] = None
+                if a.q_proj.bias is not None:
+                    b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+                    a.q_proj.bias.data, a.k_proj.bias.data = b[:nq], b[nq:nq + nk]
+                    a.v_proj.bias.data = b[nq + nk:]
+                    w["qkv_b"] = b
+                w["split"] = (nq, nk)
+                gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+                ni = mlp.gate_proj.weight.shape[0]
+                mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gu[:ni], gu[ni:]
+                w["gate_up"] = gu
+                w["inter"] = ni
+            w["o"], w["down"] = a.o_proj.weight, mlp.down_proj.weight
+            w["o_b"] = a.o_proj.bias
+            w["ln1"], w["ln2"] = blk.input_layernorm, blk.post_attention_layernorm
+            w["q_norm"] = getattr(a, "q_norm", None)
+            w["k_norm"] = getattr(a, "k_norm", None)
+            out.append(w)
+        return out
+
+    @staticmethod
+    def _rms(norm, x: Tensor) -> Tensor:
+        """HF's RMSNorm (normalise in fp32, cast, scale) with torch's fused kernel."""
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+        return norm.weight * y.to(x.dtype)
+
+    def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
+        if self.ops.name == "triton":  # one in-place kernel: rotating by p = encoding at p
+            x = self.ops.rope_shift(x, positions, self.rope.inv_freq_on(x.device))
+            return x * self.rope.attention_scaling if self.rope.attention_scaling != 1.0 else x
+        return self.rope.apply(x, positions)
+
     def qkv(self, layer: int, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Norm + Q/K/V projections + RoPE for hidden states ``h`` [T, hidden].
 
         Returns q [Hq, T, D], k [Hkv, T, D] (rotated to ``positions``), v [Hkv, T, D].
         """
-        blk = self.layers[layer]
-        attn = blk.self_attn
-        x = blk.input_layernorm(h)
+        w = self._w[layer]
+        x = self._rms(w["ln1"], h)
         t, d = x.shape[0], self.spec.head_dim
-        q = attn.q_proj(x).view(t, -1, d)
-        k = attn.k_proj(x).view(t, -1, d)
-        v = attn.v_proj(x).view(t, -1, d)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3-style per-head norms
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = self.rope.apply(q.transpose(0, 1), positions)
-        k = self.rope.apply(k.transpose(0, 1), positions)
+        qkv = F.linear(x, w["qkv"], w["qkv_b"])
+        nq, nk = w["split"]
+        q = qkv[:, :nq].view(t, -1, d)
+        k = qkv[:, nq:nq + nk].view(t, -1, d)
+        v = qkv[:, nq + nk:].view(t, -1, d)
+        if w["q_norm"] is not None:  # Qwen3-style per-head norms
+            q, k = w["q_norm"](q), w["k_norm"](k)
+        if self.ops.name == "triton":  # the kernel works in place: give it owned buffers
+            q, k = q.contiguous(), k.contiguous()
+        q = self._rope(q.transpose(0, 1), positions)
+        k = self._rope(k.transpose(0, 1), positions)
         return q, k, v.transpose(0, 1)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
@@ -210,9 +266,11 @@ class Engine:
 
     def finish_layer(self, layer: int, h: Tensor, attn_out: Tensor) -> Tensor:
         """Output projection + residual + MLP block + residual."""
-        blk = self.layers[layer]
-        h = h + blk.self_attn.o_proj(attn_out)
-        return h + blk.mlp(blk.post_attention_layernorm(h))
+        w = self._w[layer]
+        h = h + F.linear(attn_out, w["o"], w["o_b"])
+        gu = F.linear(self._rms(w["ln2"], h), w["gate_up"])
+        ni = w["inter"]
+        return h + F.linear(F.silu(gu[:, :ni]) * gu[:, ni:], w["down"])
 
     def logits(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm(h)).float()
@@ -275,17 +333,24 @@ class Engine:
         contiguous = positions is None or bool(
             torch.equal(pos, torch.arange(int(pos[0]), int(pos[0]) + t, device=pos.device))
         )
+        user_mask = mask is not None
         if mask is not None:
             mask = mask.to(self.device, torch.bool)
             if mask.shape != (t, past + t):
                 raise KVMismatchError(f"mask must be [{t}, {past + t}], got {tuple(mask.shape)}")
-        elif past or not contiguous or key_bias is not None:
-            k_pos = torch.cat([kv.positions.to(self.device), pos]) if past else pos
-            mask = self.position_mask(pos, k_pos, t)
+        k_pos = torch.cat([kv.positions.to(self.device), pos]) if past else pos
         if key_bias is not None:
             key_bias = key_bias.to(self.device, torch.float32).reshape(-1)
             if key_bias.numel() != past + t:
                 raise KVMismatchError(f"key_bias must have {past + t} entries")
+        # the position-causal case runs on the gathered-query kernel (no mask, no K/V repeat)
+        plan = None
+        if self.ops.name == "triton" and not user_mask and (past or not contiguous) and (
+                t == 1 or bool(torch.all(pos[1:] > pos[:-1]))):
+            plan = self.ops.plan(pos, k_pos, self.spec.head_dim)
+        elif not user_mask and (past or not contiguous or key_bias is not None):
+            mask = self.position_mask(pos, k_pos, t)
+        if key_bias is not None and plan is None:
             mask = self.bias_mask(mask, key_bias, self.dtype)
         s = self.spec
         out_k = torch.empty(s.num_layers, s.num_kv_heads, t, s.head_dim, dtype=self.dtype,
@@ -299,7 +364,12 @@ class Engine:
                 if past:
                     k = torch.cat([kv.k[i], k], dim=1)
                     v = torch.cat([kv.v[i], v], dim=1)
-                a = self.attend(q, k, v, mask=mask, causal=mask is None)
+                if plan is not None:
+                    a = self.ops.selective_attention(q, k, v, pos, k_pos, self.scaling,
+                                                     key_bias, plan=plan)
+                    a = a.transpose(0, 1).reshape(t, -1)
+                else:
+                    a = self.attend(q, k, v, mask=mask, causal=mask is None)
                 h = self.finish_layer(i, h, a)
             hn = self.norm(h)
             lg = None

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 
 from ctxcache.engine.flops import prefill_flops
-from ctxcache.engine.kvcache import KVCache
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
 from ctxcache.fusion.chunks import all_ids, assemble, full_flops, resolve
+from ctxcache.fusion.selective import selective_prefill
 
 
 class NaiveReuse(FusionStrategy):
@@ -27,17 +27,11 @@ class NaiveReuse(FusionStrategy):
         ids = all_ids(pieces)
         with timer("load"):
             kv, cached = assemble(ctx, pieces, stats)
-        text_idx = torch.nonzero(~cached).flatten()
-        # text tokens attend to all cached tokens before them (and to earlier text tokens:
-        # computed together below, causal by position)
-        reuse_idx = torch.nonzero(cached).flatten()
-        past = kv.select(reuse_idx)
-        with timer("prefill"):
-            out = engine.prefill([ids[i] for i in text_idx.tolist()],
-                                 positions=kv.positions[text_idx], kv=past)
-        K, V = kv.k.clone(), kv.v.clone()
-        K[:, :, text_idx], V[:, :, text_idx] = out.kv.k, out.kv.v
-        n, t, L = len(ids), text_idx.numel(), engine.spec.num_layers
+        with timer("prefill"):  # the text runs through all layers; chunk K/V stays as loaded
+            out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
+                                    cached, lambda *a: None, set(), inplace=True,
+                                    start=~cached)
+        n, t, L = len(ids), int((~cached).sum()), engine.spec.num_layers
         stats.prompt_tokens = n
         stats.reused_tokens = n - t
         stats.recomputed_tokens = t
@@ -45,4 +39,4 @@ class NaiveReuse(FusionStrategy):
         stats.total_token_layers = n * L
         stats.flops = prefill_flops(engine.spec, t, n - t)
         stats.full_flops = full_flops(ctx, n)
-        return FusionResult(KVCache(K, V, kv.positions), out.logits[-1], stats, token_ids=ids)
+        return FusionResult(out.kv, out.logits, stats, token_ids=ids)

@@ -81,18 +81,20 @@ def selective_prefill(
     select_layers: set[int],
     probe_layer: int | None = None,
     inplace: bool = False,
+    start: Tensor | None = None,
 ) -> SelectiveOutput:
     """Run the layer loop over the non-exact tokens, narrowing at ``select_layers``.
 
     ``cached`` marks tokens whose K/V came from a cache (candidates for reuse), ``exact`` the
     ones whose cached K/V is already exact (a prefix at its own positions): never recomputed.
-    ``inplace`` lets the call write into ``kv``'s buffers (when the caller owns them).
+    ``inplace`` lets the call write into ``kv``'s buffers (when the caller owns them);
+    ``start`` overrides the tokens computed from layer 0 on (naive reuse: the text only).
     """
     L = engine.spec.num_layers
     ops = engine.ops
     K, V = (kv.k, kv.v) if inplace else (kv.k.clone(), kv.v.clone())
     pos = kv.positions.to(engine.device)
-    active = torch.nonzero(~exact).flatten()
+    active = torch.nonzero(~exact if start is None else start).flatten()
     must = ~cached[active]
     lin = linear_flops_per_token(engine.spec) / L
     qkv_share = _qkv_share(engine)
@@ -101,8 +103,11 @@ def selective_prefill(
     probe = None
     deviations = {}
     k_sorted = bool(torch.all(pos[1:] >= pos[:-1])) if pos.numel() > 1 else True
+    d = engine.spec.head_dim
     with engine.lock:
         h = engine.embed(ids[active])
+        q_pos = pos[active]
+        plan = ops.plan(q_pos, pos, d, k_sorted)  # recomputed only when the active set changes
         for layer in range(L):
             q, k, v = engine.qkv(layer, h, pos[active])
             if layer in select_layers:
@@ -112,14 +117,16 @@ def selective_prefill(
                 keep = selector(layer, active, dev)
                 # the Q/K/V probe of the tokens dropped here is a partial layer of work
                 flops += lin * qkv_share * int((~keep).sum())
-                active, must = active[keep], must[keep]
-                q, k, v, h = q[:, keep], k[:, keep], v[:, keep], h[keep]
+                if not bool(keep.all()):
+                    active, must = active[keep], must[keep]
+                    q, k, v, h = q[:, keep], k[:, keep], v[:, keep], h[keep]
+                    q_pos = pos[active]
+                    plan = ops.plan(q_pos, pos, d, k_sorted)
             ops.scatter_kv(K[layer], V[layer], active, k, v)
-            q_pos = pos[active]
             if probe_layer == layer:
                 probe = _attention_probs(engine, q, K[layer], pos[None, :] <= q_pos[:, None])
             a = ops.selective_attention(q, K[layer], V[layer], q_pos, pos, engine.scaling,
-                                        k_sorted=k_sorted)
+                                        k_sorted=k_sorted, plan=plan)
             h = engine.finish_layer(layer, h, a.transpose(0, 1).reshape(q.shape[1], -1))
             n = active.numel()
             computed += n
