@@ -28,7 +28,7 @@ class Ops:
     selective_attention: Callable[..., Tensor]
     kv_deviation: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
     scatter_kv: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
-    plan: Callable[..., object] = lambda q_pos, k_pos, head_dim, k_sorted=None: None
+    plan: Callable[..., object] = lambda q_pos, k_pos, head_dim, k_sorted=None, group=1: None
 
 
 def _torch_rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:

@@ -110,15 +110,19 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DYN_HI: tl.constexpr,
                      TK_CONST: tl.constexpr):
+    # GQA packing: one program serves the GROUP query heads that share a K/V head, so each
+    # K/V block is loaded once for all of them. Row r of the tile = (query r // GROUP,
+    # head kvh·GROUP + r % GROUP).
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    kvh = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kvh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // GROUP
+    qh = kvh * GROUP + rows % GROUP
     offs_d = tl.arange(0, D)
-    mmask = offs_m < Tq
-    q = tl.load(Q + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mmask[:, None],
-                other=0.0)
-    qp = tl.load(qpos + offs_m, mask=mmask, other=-1)
+    mmask = qi < Tq
+    q = tl.load(Q + qh[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :],
+                mask=mmask[:, None], other=0.0)
+    qp = tl.load(qpos + qi, mask=mmask, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -134,8 +138,8 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
                                         TK_CONST, kvh, skh, skt, svh, svt, qk_scale, HAS_BIAS,
                                         D, BLOCK_N)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + h * soh + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=mmask[:, None])
+    tl.store(O + qh[:, None] * soh + qi[:, None] * sot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=mmask[:, None])
 
 
 def _blocks(d: int, device_type: str) -> tuple[int, int]:
@@ -144,23 +148,30 @@ def _blocks(d: int, device_type: str) -> tuple[int, int]:
     return (64, 64) if d <= 128 else (32, 32)
 
 
-def attention_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int,
-                   k_sorted: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Position tensors as int32 and, per query block, how many keys can be visible.
+def _tile_m(d: int, device_type: str, group: int) -> int:
+    return max(_blocks(d, device_type)[0], triton.next_power_of_2(group))
 
-    Depends only on positions, so a layer loop computes it once per set of active tokens.
+
+def attention_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, k_sorted: bool | None = None,
+                   group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """Position tensors as int32 and, per tile of queries, how many keys can be visible.
+
+    A tile holds ``BLOCK_M // group`` queries (× their ``group`` heads). Depends only on
+    positions, so a layer loop computes it once per set of active tokens.
     """
     tq, tk = q_pos.numel(), k_pos.numel()
-    block_m, _ = _blocks(head_dim, q_pos.device.type)
-    n_mb = max(1, triton.cdiv(tq, block_m))
+    block_m = _tile_m(head_dim, q_pos.device.type, group)
+    n_mb = max(1, triton.cdiv(tq * group, block_m))
     qp = q_pos.to(torch.int32).contiguous()
     kp = k_pos.to(torch.int32).contiguous()
     if k_sorted is None:
         k_sorted = bool(torch.all(kp[1:] >= kp[:-1])) if tk > 1 else True
     if k_sorted and tk and tq:
-        pad = torch.full((n_mb * block_m - tq,), -1, dtype=torch.int32, device=qp.device)
-        block_max = torch.cat([qp, pad]).view(n_mb, block_m).amax(1)
-        hi = torch.searchsorted(kp, block_max, right=True).to(torch.int32)
+        # tile j holds rows j·BM … (j+1)·BM−1, i.e. queries row // group (any group size)
+        qi = (torch.arange(n_mb * block_m, device=qp.device) // group).clamp_max(tq - 1)
+        valid = torch.arange(n_mb * block_m, device=qp.device) // group < tq
+        tile_max = torch.where(valid, qp[qi], -1).view(n_mb, block_m).amax(1)
+        hi = torch.searchsorted(kp, tile_max, right=True).to(torch.int32)
     else:
         hi = torch.full((n_mb,), tk, dtype=torch.int32, device=qp.device)
     return qp, kp, hi
@@ -171,22 +182,25 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
                         k_sorted: bool | None = None, plan=None) -> Tensor:
     """See ``reference.selective_attention_ref``. q [Hq, Tq, D], k/v [Hkv, Tk, D] (last dim
     contiguous), positions int. Returns [Hq, Tq, D] — a view of a [Tq, Hq, D] buffer, so the
-    caller's reshape to [Tq, Hq·D] costs no copy."""
+    caller's reshape to [Tq, Hq·D] costs no copy. ``plan`` from ``attention_plan`` with
+    ``group = Hq // Hkv``."""
     hq, tq, d = q.shape
     hkv, tk, _ = k.shape
+    group = hq // hkv
     out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
     if tq == 0:
         return out
-    BLOCK_M, BLOCK_N = _blocks(d, q.device.type)
-    qp, kp, hi = plan if plan is not None else attention_plan(q_pos, k_pos, d, k_sorted)
+    BLOCK_N = _blocks(d, q.device.type)[1]
+    BLOCK_M = _tile_m(d, q.device.type, group)
+    qp, kp, hi = plan if plan is not None else attention_plan(q_pos, k_pos, d, k_sorted, group)
     bias = key_bias.to(torch.float32).contiguous() if key_bias is not None else kp
-    _sel_attn_kernel[(hi.numel(), hq)](
+    _sel_attn_kernel[(hi.numel(), hkv)](
         q, k, v, out, qp, kp, bias, hi, scale, tq, tk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        GROUP=hq // hkv, HAS_BIAS=key_bias is not None, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        GROUP=group, HAS_BIAS=key_bias is not None, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         DYN_HI=q.device.type == "cuda", TK_CONST=0 if q.device.type == "cuda" else tk,
-        num_warps=4, num_stages=2 if q.device.type == "cuda" else 1)
+        num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
     return out
 
 

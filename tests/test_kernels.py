@@ -136,3 +136,21 @@ def test_cacheblend_with_triton_kernels_matches_torch_kernels():
         assert (a.kv.k - b.kv.k).abs().max().item() <= 1e-4
     full = outs["triton"][2]
     assert (outs["triton"][1].logits - full.logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (7, 1), (8, 2)])
+def test_attention_plan_bounds_cover_every_visible_key(hq, hkv):
+    """The per-tile key bound (used on GPU to skip blocks) never cuts a visible key."""
+    from ctxcache.kernels.triton_ops import _tile_m, attention_plan
+
+    tq, tk, d = 45, 300, 16
+    qp = torch.sort(torch.randperm(tk, generator=G)[:tq]).values
+    kp = torch.arange(tk)
+    group = hq // hkv
+    _, _, hi = attention_plan(qp, kp, d, True, group)
+    bm = _tile_m(d, "cpu", group)
+    assert hi.numel() == -(-tq * group // bm)
+    for j in range(hi.numel()):
+        queries = {r // group for r in range(j * bm, (j + 1) * bm) if r // group < tq}
+        need = max(int((kp <= qp[i]).sum()) for i in queries)
+        assert int(hi[j]) >= need

@@ -347,7 +347,8 @@ class Engine:
         plan = None
         if self.ops.name == "triton" and not user_mask and (past or not contiguous) and (
                 t == 1 or bool(torch.all(pos[1:] > pos[:-1]))):
-            plan = self.ops.plan(pos, k_pos, self.spec.head_dim)
+            plan = self.ops.plan(pos, k_pos, self.spec.head_dim, None,
+                                 self.spec.num_heads // self.spec.num_kv_heads)
         elif not user_mask and (past or not contiguous or key_bias is not None):
             mask = self.position_mask(pos, k_pos, t)
         if key_bias is not None and plan is None:

@@ -104,10 +104,14 @@ def selective_prefill(
     deviations = {}
     k_sorted = bool(torch.all(pos[1:] >= pos[:-1])) if pos.numel() > 1 else True
     d = engine.spec.head_dim
+    group = engine.spec.num_heads // engine.spec.num_kv_heads
     with engine.lock:
         h = engine.embed(ids[active])
         q_pos = pos[active]
-        plan = ops.plan(q_pos, pos, d, k_sorted)  # recomputed only when the active set changes
+        plan = ops.plan(q_pos, pos, d, k_sorted, group)  # recomputed only when the active set changes
+        # mean number of keys a query sees (causal), for FLOP accounting; read from the GPU only
+        # when the active set changes so the layer loop never waits on the device
+        kavg = float(q_pos.float().mean()) + 1.0 if active.numel() else 0.0
         for layer in range(L):
             q, k, v = engine.qkv(layer, h, pos[active])
             if layer in select_layers:
@@ -115,13 +119,15 @@ def selective_prefill(
                 dev = dev.masked_fill(must, float("inf"))
                 deviations[layer] = (active, dev)
                 keep = selector(layer, active, dev)
+                n_keep = int(keep.sum())
                 # the Q/K/V probe of the tokens dropped here is a partial layer of work
-                flops += lin * qkv_share * int((~keep).sum())
-                if not bool(keep.all()):
+                flops += lin * qkv_share * (keep.numel() - n_keep)
+                if n_keep != keep.numel():
                     active, must = active[keep], must[keep]
                     q, k, v, h = q[:, keep], k[:, keep], v[:, keep], h[keep]
                     q_pos = pos[active]
-                    plan = ops.plan(q_pos, pos, d, k_sorted)
+                    plan = ops.plan(q_pos, pos, d, k_sorted, group)
+                    kavg = float(q_pos.float().mean()) + 1.0 if active.numel() else 0.0
             ops.scatter_kv(K[layer], V[layer], active, k, v)
             if probe_layer == layer:
                 probe = _attention_probs(engine, q, K[layer], pos[None, :] <= q_pos[:, None])
@@ -130,8 +136,7 @@ def selective_prefill(
             h = engine.finish_layer(layer, h, a.transpose(0, 1).reshape(q.shape[1], -1))
             n = active.numel()
             computed += n
-            flops += lin * n + attention_flops(engine.spec, n, float(q_pos.float().mean() + 1)
-                                               if n else 0.0) / L
+            flops += lin * n + attention_flops(engine.spec, n, kavg) / L
         logits = engine.logits(h[-1:])[0]
     return SelectiveOutput(KVCache(K, V, pos), logits, computed, flops, active, probe,
                            deviations)
