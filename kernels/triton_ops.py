@@ -142,10 +142,17 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
              out.to(O.dtype.element_ty), mask=mmask[:, None])
 
 
+# Tile configuration of selective_attention on GPU (tuned on H100 with
+# benchmarks/tune_attention.py; BLOCK sizes must be powers of two).
+ATTN_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
+
+
 def _blocks(d: int, device_type: str) -> tuple[int, int]:
     if device_type == "cpu":  # interpreter: small blocks keep tests fast
         return 16, 16
-    return (64, 64) if d <= 128 else (32, 32)
+    if d > 128:
+        return 32, 32
+    return ATTN_CONFIG["block_m"], ATTN_CONFIG["block_n"]
 
 
 def _tile_m(d: int, device_type: str, group: int) -> int:
@@ -200,7 +207,8 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
         out.stride(0), out.stride(1),
         GROUP=group, HAS_BIAS=key_bias is not None, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         DYN_HI=q.device.type == "cuda", TK_CONST=0 if q.device.type == "cuda" else tk,
-        num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
+        num_warps=ATTN_CONFIG["num_warps"] if q.device.type == "cuda" else 1,
+        num_stages=ATTN_CONFIG["num_stages"] if q.device.type == "cuda" else 1)
     return out
 
 
