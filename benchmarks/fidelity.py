@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import random
 import re
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS, environment, print_table, write_json  # noqa: E402
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from ctxcache.datasets import squad_dev  # noqa: E402
 from ctxcache.engine import Engine, SamplingParams  # noqa: E402
 from ctxcache.engine.generate import stream_from_kv  # noqa: E402

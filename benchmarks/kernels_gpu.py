@@ -39,7 +39,7 @@ def main() -> None:
     x = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
     hbm = 2 * x.numel() / bench(lambda: y.copy_(x), 10) / 1e9
-    del x, y
+    x = y = None  # free the GiB buffers
     L, H, Hq, D = 32, 8, 32, 128
     inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
     rows, checks = [], []
@@ -55,7 +55,7 @@ def main() -> None:
         nbytes = 2 * K.numel() * 2
         rows.append({"kernel": "rope_shift", "T": T, "triton_ms": t * 1e3, "torch_ms": tt * 1e3,
                      "GBps": nbytes / t / 1e9, "of_hbm": nbytes / t / 1e9 / hbm})
-        del K
+        K = None  # free before the next shape
         for r in (0.05, 0.15, 0.3):
             n = int(T * r)
             q = torch.randn(Hq, n, D, device=dev, generator=g, dtype=torch.bfloat16)

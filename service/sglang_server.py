@@ -81,6 +81,27 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                 n += ch.token_id is not None
                 yield text, ch.finish_reason, {**info, "completion_tokens": n}
 
+    def last(ids: list[int], p: SamplingParams):
+        """Run to the end; the final (text, finish, info)."""
+        out = ("", None, {})
+        for out in run(ids, p):
+            pass
+        return out
+
+    async def produced(ids: list[int], p: SamplingParams):
+        """The (text, finish, info) steps of ``run``, produced in a worker thread."""
+        q: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def work():
+            for item in run(ids, p):
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            loop.call_soon_threadsafe(q.put_nowait, None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (item := await q.get()) is not None:
+            yield item
+
     def meta(info: dict, finish: str | None, rid: str, t0: float) -> dict:
         fr = None if finish is None else {"type": finish if finish != "cancelled" else "abort"}
         return {"id": rid, "finish_reason": fr, "prompt_tokens": info["prompt_tokens"],
@@ -119,26 +140,11 @@ def create_sglang_app(engine: Engine) -> FastAPI:
         p = params(req.sampling_params)
         rid, t0 = uuid.uuid4().hex, time.time()
         if not req.stream:
-            def collect():
-                last = ("", None, {})
-                for last in run(ids, p):
-                    pass
-                return last
-            text, finish, info = await asyncio.to_thread(collect)
+            text, finish, info = await asyncio.to_thread(last, ids, p)
             return {"text": text, "meta_info": meta(info, finish or "length", rid, t0)}
 
         async def events():
-            q: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-
-            def work():
-                for item in run(ids, p):
-                    loop.call_soon_threadsafe(q.put_nowait, item)
-                loop.call_soon_threadsafe(q.put_nowait, None)
-
-            threading.Thread(target=work, daemon=True).start()
-            while (item := await q.get()) is not None:
-                text, finish, info = item
+            async for text, finish, info in produced(ids, p):
                 yield f"data: {json.dumps({'text': text, 'meta_info': meta(info, finish, rid, t0)})}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -159,30 +165,15 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                     "prompt_tokens_details": {"cached_tokens": info.get("cached_tokens", 0)}}
 
         if not req.stream:
-            def collect():
-                last = ("", None, {})
-                for last in run(ids, p):
-                    pass
-                return last
-            text, finish, info = await asyncio.to_thread(collect)
+            text, finish, info = await asyncio.to_thread(last, ids, p)
             return {"id": rid, "object": "chat.completion", "created": created,
                     "model": req.model, "usage": usage(info),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": finish or "length"}]}
 
         async def events():
-            q: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-
-            def work():
-                for item in run(ids, p):
-                    loop.call_soon_threadsafe(q.put_nowait, item)
-                loop.call_soon_threadsafe(q.put_nowait, None)
-
-            threading.Thread(target=work, daemon=True).start()
             seen, info = "", {}
-            while (item := await q.get()) is not None:
-                text, finish, info = item
+            async for text, finish, info in produced(ids, p):
                 delta, seen = text[len(seen):], text
                 ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
                       "model": req.model, "choices": [{"index": 0, "delta": {"content": delta},

@@ -25,8 +25,8 @@ import torch
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.errors import InvalidInputError
-from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
-from ctxcache.fusion.chunks import all_ids, chunk_kv, full_flops, resolve
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
+from ctxcache.fusion.chunks import chunk_kv, full_flops
 from ctxcache.kv.keys import chunk_key
 
 
@@ -44,11 +44,8 @@ class APE(FusionStrategy):
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         engine = ctx.engine
-        stats = FusionStats(self.name, extra={"temperature": self.temperature,
-                                              "scale": self.scale})
-        timer = Timer(stats)
-        pieces = resolve(ctx, segments)
-        ids = all_ids(pieces)
+        stats, timer, pieces, ids = self.start(ctx, segments, temperature=self.temperature,
+                                               scale=self.scale)
         # layout: [prefix...] [contexts...] [query = the trailing text run]
         n_prefix = 0
         while n_prefix < len(pieces) and pieces[n_prefix].role == "prefix":

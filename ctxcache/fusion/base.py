@@ -136,6 +136,14 @@ class _Phase:
 class FusionStrategy(ABC):
     name: str = "strategy"
 
+    def start(self, ctx: FusionContext, segments: Sequence[Segment], **extra):
+        """Common opening of ``build``: fresh stats, a phase timer, the resolved layout."""
+        from ctxcache.fusion.chunks import all_ids, resolve  # noqa: PLC0415 - module cycle
+
+        stats = FusionStats(self.name, extra=dict(extra))
+        pieces = resolve(ctx, segments)
+        return stats, Timer(stats), pieces, all_ids(pieces)
+
     @abstractmethod
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         """Assemble the prompt's K/V from ``segments``."""

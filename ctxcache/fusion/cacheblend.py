@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 
 from ctxcache.errors import InvalidInputError
-from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
-from ctxcache.fusion.chunks import all_ids, assemble, full_flops, resolve
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment
+from ctxcache.fusion.chunks import assemble, full_flops
 from ctxcache.fusion.selective import ratio_schedule, selective_prefill, top_fraction
 
 
@@ -48,10 +48,7 @@ class CacheBlend(FusionStrategy):
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         engine = ctx.engine
-        stats = FusionStats(self.name, extra={"recompute_ratio": self.r})
-        timer = Timer(stats)
-        pieces = resolve(ctx, segments)
-        ids = all_ids(pieces)
+        stats, timer, pieces, ids = self.start(ctx, segments, recompute_ratio=self.r)
         with timer("load"):
             kv, cached = assemble(ctx, pieces, stats)
         exact = _exact_prefix(pieces, cached)

@@ -36,9 +36,9 @@ import xxhash
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.errors import InvalidInputError
-from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
 from ctxcache.fusion.cacheblend import _exact_prefix, fill_stats
-from ctxcache.fusion.chunks import Piece, all_ids, assemble, load_chunk, resolve
+from ctxcache.fusion.chunks import Piece, assemble, load_chunk
 from ctxcache.fusion.selective import ratio_schedule, selective_prefill
 from ctxcache.kv.keys import chunk_key
 
@@ -106,10 +106,7 @@ class CacheCraft(FusionStrategy):
     # ------------------------------------------------------------------ build
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         engine, store = ctx.engine, ctx.store
-        stats = FusionStats(self.name)
-        timer = Timer(stats)
-        pieces = resolve(ctx, segments)
-        ids = all_ids(pieces)
+        stats, timer, pieces, ids = self.start(ctx, segments)
         chunk_pieces = [p for p in pieces if p.role == "chunk"]
         variant_prefix: dict[int, str] = {}  # chunk start → prefix key of its variant
         context = xxhash.xxh3_128()

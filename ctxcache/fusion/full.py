@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
-from ctxcache.fusion.chunks import all_ids, full_flops, resolve
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
+from ctxcache.fusion.chunks import full_flops
 
 
 class FullPrefill(FusionStrategy):
     name = "full"
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
-        stats = FusionStats(self.name)
-        timer = Timer(stats)
-        pieces = resolve(ctx, segments)
-        ids = all_ids(pieces)
+        stats, timer, pieces, ids = self.start(ctx, segments)
         with timer("prefill"):
             out = ctx.engine.prefill(ids)
         n, L = len(ids), ctx.engine.spec.num_layers

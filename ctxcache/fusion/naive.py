@@ -11,8 +11,8 @@ from typing import Sequence
 import torch
 
 from ctxcache.engine.flops import prefill_flops
-from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
-from ctxcache.fusion.chunks import all_ids, assemble, full_flops, resolve
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
+from ctxcache.fusion.chunks import assemble, full_flops
 from ctxcache.fusion.selective import selective_prefill
 
 
@@ -21,10 +21,7 @@ class NaiveReuse(FusionStrategy):
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         engine = ctx.engine
-        stats = FusionStats(self.name)
-        timer = Timer(stats)
-        pieces = resolve(ctx, segments)
-        ids = all_ids(pieces)
+        stats, timer, pieces, ids = self.start(ctx, segments)
         with timer("load"):
             kv, cached = assemble(ctx, pieces, stats)
         with timer("prefill"):  # the text runs through all layers; chunk K/V stays as loaded

@@ -12,8 +12,8 @@ from typing import Sequence
 
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.engine.kvcache import KVCache
-from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment, Timer
-from ctxcache.fusion.chunks import all_ids, full_flops, resolve
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
+from ctxcache.fusion.chunks import full_flops
 from ctxcache.kv.keys import chunk_key
 
 
@@ -22,10 +22,7 @@ class PrefixReuse(FusionStrategy):
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         engine, store = ctx.engine, ctx.store
-        stats = FusionStats(self.name)
-        timer = Timer(stats)
-        pieces = resolve(ctx, segments)
-        ids = all_ids(pieces)
+        stats, timer, pieces, ids = self.start(ctx, segments)
         chain: list[str] = []
         prev = None
         for p in pieces:
