@@ -239,8 +239,9 @@ def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> 
     out = torch.empty(t, dtype=torch.float32, device=k_new.device)
     if t == 0:
         return out
-    k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    if k_old.stride() != v_old.stride():
+    if k_new.stride() != v_new.stride() or k_new.stride(-1) != 1:
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    if k_old.stride() != v_old.stride() or k_old.stride(-1) != 1:
         k_old, v_old = k_old.contiguous(), v_old.contiguous()
     BLOCK_T = 32
     _kv_dev_kernel[(triton.cdiv(t, BLOCK_T),)](

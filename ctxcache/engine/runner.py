@@ -207,12 +207,14 @@ class Engine:
             out.append(w)
         return out
 
-    @staticmethod
-    def _rms(norm, x: Tensor) -> Tensor:
-        """HF's RMSNorm (normalise in fp32, cast, scale) with torch's fused kernel."""
+    def _rms(self, norm, x: Tensor) -> Tensor:
+        """RMSNorm with torch's fused kernel. In float32 (the CPU parity path) this is HF's
+        computation; in bf16/fp16 the fused kernel accumulates in fp32 and applies the weight
+        before the final rounding (HF rounds first) — one kernel instead of six."""
         eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-        return norm.weight * y.to(x.dtype)
+        if x.dtype == torch.float32:
+            return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
 
     def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
         if self.ops.name == "triton":  # one in-place kernel: rotating by p = encoding at p
@@ -235,8 +237,7 @@ class Engine:
         v = qkv[:, nq + nk:].view(t, -1, d)
         if w["q_norm"] is not None:  # Qwen3-style per-head norms
             q, k = w["q_norm"](q), w["k_norm"](k)
-        if self.ops.name == "triton":  # the kernel works in place: give it owned buffers
-            q, k = q.contiguous(), k.contiguous()
+        # (the Triton RoPE works in place on these views of the fresh qkv buffer)
         q = self._rope(q.transpose(0, 1), positions)
         k = self._rope(k.transpose(0, 1), positions)
         return q, k, v.transpose(0, 1)
