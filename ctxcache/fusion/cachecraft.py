@@ -55,7 +55,7 @@ class CacheCraft(FusionStrategy):
     def __init__(self, base_ratio: float = 0.15, max_ratio: float = 1.0,
                  reuse_below: float = 0.02, full_above: float = 0.9, variant_above: float = 0.5,
                  ema: float = 0.5, widen: float = 1.5, narrow_layers: int = 3,
-                 preselect: bool = True):
+                 preselect: bool = True, probe_uses: int = 3):
         for name, v in (("base_ratio", base_ratio), ("max_ratio", max_ratio),
                         ("reuse_below", reuse_below), ("full_above", full_above),
                         ("variant_above", variant_above), ("ema", ema)):
@@ -72,6 +72,7 @@ class CacheCraft(FusionStrategy):
         self.table: dict[str, ChunkImpact] = {}
         self.token_scores: dict[str, torch.Tensor] = {}  # chunk key → layer-1 deviation [n]
         self.preselect = preselect
+        self.probe_uses = probe_uses
 
     def describe(self) -> dict:
         return {"name": self.name, "base_ratio": self.base, "reuse_below": self.reuse_below,
@@ -164,11 +165,15 @@ class CacheCraft(FusionStrategy):
             return keep
 
         L = engine.spec.num_layers
+        # measuring impact needs explicit attention probabilities (costly): only while some
+        # chunk of the prompt has been seen fewer than `probe_uses` times
+        probing = any(self.table.get(p.key) is None or self.table[p.key].uses < self.probe_uses
+                      for p in chunk_pieces)
         with timer("recompute"):
             out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
                                     exact, selector,
                                     {0} if pre else set(range(1, min(1 + self.narrow_layers, L))),
-                                    probe_layer=L // 2, inplace=True)
+                                    probe_layer=L // 2 if probing else None, inplace=True)
         with timer("learn"):
             self._learn(out, owner, chunk_pieces, ids)
             if not pre and out.deviations and 1 in out.deviations:
