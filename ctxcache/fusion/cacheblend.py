@@ -50,7 +50,8 @@ class CacheBlend(FusionStrategy):
         engine = ctx.engine
         stats, timer, pieces, ids = self.start(ctx, segments, recompute_ratio=self.r)
         with timer("load"):
-            kv, cached = assemble(ctx, pieces, stats)
+            asm = assemble(ctx, pieces, stats)
+        kv, cached = asm.kv, asm.cached
         exact = _exact_prefix(pieces, cached)
         n_cand = int((cached & ~exact).sum())
 
@@ -62,7 +63,8 @@ class CacheBlend(FusionStrategy):
         with timer("recompute"):
             out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
                                     exact, selector, self.select_layers(engine.spec.num_layers),
-                                    inplace=True)
+                                    inplace=True,
+                                    ready=asm.ready)
         fill_stats(stats, ctx, ids, cached, out)
         return FusionResult(out.kv, out.logits, stats, token_ids=ids)
 

@@ -129,7 +129,8 @@ class CacheCraft(FusionStrategy):
             return load_chunk(c, p, prefix, st)
 
         with timer("load"):
-            kv, cached = assemble(ctx, pieces, stats, loader)
+            asm = assemble(ctx, pieces, stats, loader)
+        kv, cached = asm.kv, asm.cached
         variant_used = len(variant_hits)
         exact = _exact_prefix(pieces, cached)
         # per-token chunk index (−1: not a chunk) and per-chunk budgets
@@ -173,7 +174,8 @@ class CacheCraft(FusionStrategy):
             out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
                                     exact, selector,
                                     {0} if pre else set(range(1, min(1 + self.narrow_layers, L))),
-                                    probe_layer=L // 2 if probing else None, inplace=True)
+                                    probe_layer=L // 2 if probing else None, inplace=True,
+                                    ready=asm.ready)
         with timer("learn"):
             self._learn(out, owner, chunk_pieces, ids)
             if not pre and out.deviations and 1 in out.deviations:

@@ -175,13 +175,23 @@ def load_chunk(ctx: FusionContext, piece: Piece, prefix: PrefixState, stats: Fus
 Loader = Callable[[FusionContext, Piece, PrefixState, FusionStats], KVCache]
 
 
-def assemble(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats,
-             loader: Loader = load_chunk) -> tuple[KVCache, Tensor]:
-    """The prompt's K/V in one fresh buffer: the prefix, cached chunks moved to their place,
-    zeros for text. Returns it and a bool mask of the tokens that came from a cache.
+@dataclass
+class Assembled:
+    kv: KVCache  # the prompt's K/V in one fresh buffer (text slots are zeros)
+    cached: Tensor  # bool [N]: token came from a cache
+    ready: list | None = None  # per-layer CUDA events when layers still arrive asynchronously
+    sources: list | None = None  # tiers' tensors kept alive until the copies complete
 
-    Each chunk is copied straight from its tier into its slot (a host→GPU copy when it lives in
-    pinned memory), then one RoPE-shift pass over the buffer moves every chunk to its position.
+
+def assemble(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats,
+             loader: Loader = load_chunk) -> Assembled:
+    """The prompt's K/V in one fresh buffer: the prefix, cached chunks moved to their place,
+    zeros for text.
+
+    Each chunk is copied straight from its tier into its slot, then RoPE-shifted in place. When
+    chunks live in host memory and the engine is on CUDA, the copies run layer by layer on a
+    side stream with one event per layer, so the layer loop starts computing layer 0 while the
+    later layers are still on their way (loading overlapped with recompute).
     """
     engine = ctx.engine
     s = engine.spec
@@ -192,25 +202,48 @@ def assemble(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats,
     delta = torch.zeros(n, dtype=torch.int32)
     cached = torch.zeros(n, dtype=torch.bool)
     prefix = load_prefix(ctx, pieces, stats)
+    sources: list[tuple[int, int, KVCache]] = []
     if prefix.kv is not None:
-        K[:, :, : prefix.length].copy_(prefix.kv.k, non_blocking=True)
-        V[:, :, : prefix.length].copy_(prefix.kv.v, non_blocking=True)
+        sources.append((0, prefix.length, prefix.kv))
         cached[: prefix.length] = True
-    shifted = False
     for p in pieces:
         if p.role != "chunk":
             continue
         kv = loader(ctx, p, prefix, stats)
-        K[:, :, p.start:p.end].copy_(kv.k, non_blocking=True)
-        V[:, :, p.start:p.end].copy_(kv.v, non_blocking=True)
-        d = p.start - int(kv.positions[0])
-        delta[p.start:p.end] = d
-        shifted |= d != 0
+        sources.append((p.start, p.end, kv))
+        delta[p.start:p.end] = p.start - int(kv.positions[0])
         cached[p.start:p.end] = True
-    if shifted:
-        engine.ops.rope_shift(K, delta.to(engine.device), engine.rope.inv_freq.to(engine.device))
+    shifted = bool(delta.any())
+    inv = engine.rope.inv_freq_on(engine.device)
+    delta_dev = delta.to(engine.device)
     pos = torch.arange(n, device=engine.device)
-    return KVCache(K, V, pos), cached.to(engine.device)
+    remote = [src for src in sources if src[2].k.device != K.device]
+    if K.device.type == "cuda" and remote:
+        cur = torch.cuda.current_stream()
+        side = getattr(engine, "_copy_stream", None)
+        if side is None:
+            side = engine._copy_stream = torch.cuda.Stream(device=K.device)
+        side.wait_stream(cur)  # buffers and deltas were made on the compute stream
+        ready = []
+        with torch.cuda.stream(side):
+            for layer in range(s.num_layers):
+                for a, b, kv in sources:
+                    K[layer, :, a:b].copy_(kv.k[layer], non_blocking=True)
+                    V[layer, :, a:b].copy_(kv.v[layer], non_blocking=True)
+                if shifted:
+                    engine.ops.rope_shift(K[layer], delta_dev, inv)
+                ev = torch.cuda.Event()
+                ev.record(side)
+                ready.append(ev)
+        K.record_stream(side)
+        V.record_stream(side)
+        return Assembled(KVCache(K, V, pos), cached.to(engine.device), ready, sources)
+    for a, b, kv in sources:
+        K[:, :, a:b].copy_(kv.k, non_blocking=True)
+        V[:, :, a:b].copy_(kv.v, non_blocking=True)
+    if shifted:
+        engine.ops.rope_shift(K, delta_dev, inv)
+    return Assembled(KVCache(K, V, pos), cached.to(engine.device))
 
 
 def full_flops(ctx: FusionContext, n: int) -> float:

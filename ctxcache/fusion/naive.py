@@ -23,11 +23,12 @@ class NaiveReuse(FusionStrategy):
         engine = ctx.engine
         stats, timer, pieces, ids = self.start(ctx, segments)
         with timer("load"):
-            kv, cached = assemble(ctx, pieces, stats)
+            asm = assemble(ctx, pieces, stats)
+        cached = asm.cached
         with timer("prefill"):  # the text runs through all layers; chunk K/V stays as loaded
-            out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
-                                    cached, lambda *a: None, set(), inplace=True,
-                                    start=~cached)
+            out = selective_prefill(engine, torch.tensor(ids, device=engine.device), asm.kv,
+                                    cached, cached, lambda *a: None, set(), inplace=True,
+                                    start=~cached, ready=asm.ready)
         n, t, L = len(ids), int((~cached).sum()), engine.spec.num_layers
         stats.prompt_tokens = n
         stats.reused_tokens = n - t

@@ -82,13 +82,15 @@ def selective_prefill(
     probe_layer: int | None = None,
     inplace: bool = False,
     start: Tensor | None = None,
+    ready: list | None = None,
 ) -> SelectiveOutput:
     """Run the layer loop over the non-exact tokens, narrowing at ``select_layers``.
 
     ``cached`` marks tokens whose K/V came from a cache (candidates for reuse), ``exact`` the
     ones whose cached K/V is already exact (a prefix at its own positions): never recomputed.
     ``inplace`` lets the call write into ``kv``'s buffers (when the caller owns them);
-    ``start`` overrides the tokens computed from layer 0 on (naive reuse: the text only).
+    ``start`` overrides the tokens computed from layer 0 on (naive reuse: the text only);
+    ``ready`` are per-layer CUDA events of K/V still being loaded (``chunks.assemble``).
     """
     L = engine.spec.num_layers
     ops = engine.ops
@@ -113,6 +115,8 @@ def selective_prefill(
         # when the active set changes so the layer loop never waits on the device
         kavg = float(q_pos.float().mean()) + 1.0 if active.numel() else 0.0
         for layer in range(L):
+            if ready is not None:  # this layer's cached K/V must have arrived
+                torch.cuda.current_stream().wait_event(ready[layer])
             q, k, v = engine.qkv(layer, h, pos[active])
             if layer in select_layers:
                 dev = ops.kv_deviation(k, v, K[layer][:, active], V[layer][:, active])
