@@ -95,10 +95,14 @@ def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
     """
     engine = ctx.engine
     key = chunk_key(engine.fingerprint, ids, prefix_key)
-    entry = ctx.store.get(key, ctx.namespace, device=engine.device)
+    # raw entries stay where their tier keeps them (assemble copies them straight into place,
+    # layer by layer); compressed ones are decoded on the engine's device
+    device = None if ctx.store.codec == "raw" else engine.device
+    entry = ctx.store.get(key, ctx.namespace, device=device)
     if entry is not None and entry.meta.model == engine.fingerprint:
         stats.chunk_hits += 1
-        return key, entry.kv.to(engine.device, engine.dtype)
+        kv = entry.kv
+        return key, kv if kv.k.dtype == engine.dtype else kv.to(dtype=engine.dtype)
     stats.chunk_misses += 1
     out = engine.prefill(ids, kv=prefix, logits="none")
     n_past = prefix.num_tokens if prefix is not None else 0
