@@ -74,7 +74,7 @@ class APE(FusionStrategy):
                     built += len(p.token_ids)
                 parts.append(kv)
                 ctx_len = max(ctx_len, len(p.token_ids))
-            kv = KVCache.cat(parts) if parts else None
+            kv = KVCache.cat([x.to(engine.device) for x in parts]) if parts else None
         n_ctx_tokens = sum(len(p.token_ids) for p in contexts)
         if kv is not None and n_ctx_tokens:
             k = kv.k.clone()
