@@ -371,3 +371,20 @@ def test_prefetch_returns_entries(tmp_path):
     got = [f.result(timeout=30) for f in futures]
     assert all(g is not None for g in got[:3]) and got[3] is None
     assert [g.token_ids.tolist() for g in got[:3]] == [ids_for(8, i) for i in range(3)]
+
+
+def test_write_behind_put_is_read_your_writes(tmp_path):
+    store = KVStore([MemoryTier(1 << 20), DiskTier(tmp_path / "kv", 1 << 30)])
+    kv = make_kv(24, seed=11)
+    fut = store.put_later(kv, ids_for(24, 11), model=MODEL, namespace="t1")
+    key = store.key_for(MODEL, ids_for(24, 11))
+    kv.k.zero_()  # the caller reuses its buffer right away: the store kept a snapshot
+    got = store.get(key, "t1")
+    assert got is not None and torch.equal(got.kv.k, make_kv(24, seed=11).k)
+    assert fut.result() == key
+    many = [store.put_later(make_kv(8, seed=i), ids_for(8, 100 + i), model=MODEL)
+            for i in range(5)]
+    futures = store.prefetch([store.key_for(MODEL, ids_for(8, 100 + i)) for i in range(5)])
+    assert all(f.result(timeout=30) is not None for f in futures)
+    assert all(m.result() for m in many)
+    store.close()

@@ -108,9 +108,9 @@ def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
     n_past = prefix.num_tokens if prefix is not None else 0
     cost = prefill_flops(engine.spec, len(ids), n_past)
     stats.extra["build_flops"] = stats.extra.get("build_flops", 0.0) + cost
-    if store_new:
-        ctx.store.put(out.kv, ids, model=engine.fingerprint, namespace=ctx.namespace,
-                      prefix_key=prefix_key, recompute_cost=cost)
+    if store_new:  # write-behind: the request does not wait for the store
+        ctx.store.put_later(out.kv, ids, model=engine.fingerprint, namespace=ctx.namespace,
+                            prefix_key=prefix_key, recompute_cost=cost)
     return key, out.kv
 
 

@@ -44,7 +44,8 @@ class PrefixReuse(FusionStrategy):
         rest = ids[n_past:]
         with timer("prefill"):
             out = engine.prefill(rest, kv=past)
-        # store the newly computed cacheable segments under their chained keys
+        # store the newly computed cacheable segments under their chained keys (write-behind:
+        # off the time to first token)
         with timer("store"):
             off = 0
             for i in range(n_hit, len(pieces)):
@@ -52,9 +53,10 @@ class PrefixReuse(FusionStrategy):
                 n = len(p.token_ids)
                 if p.role != "text":
                     stats.chunk_misses += 1
-                    store.put(out.kv.slice(off, off + n), p.token_ids, model=engine.fingerprint,
-                              namespace=ctx.namespace, prefix_key=chain[i - 1] if i else None,
-                              recompute_cost=prefill_flops(engine.spec, n, p.start))
+                    store.put_later(out.kv.slice(off, off + n), p.token_ids,
+                                    model=engine.fingerprint, namespace=ctx.namespace,
+                                    prefix_key=chain[i - 1] if i else None,
+                                    recompute_cost=prefill_flops(engine.spec, n, p.start))
                 off += n
         kv = KVCache.cat([past, out.kv]) if past is not None else out.kv
         L = engine.spec.num_layers

@@ -80,6 +80,9 @@ class KVStore:
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=prefetch_workers,
                                         thread_name_prefix="kv-prefetch")
+        self._pending: dict[str, Future] = {}  # write-behind puts not yet visible in a tier
+        # its own thread: a prefetch waiting on a pending write must never block that write
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-writer")
         self.counters = {"puts": 0, "rejected": 0, "hits": 0, "misses": 0, "corrupt": 0,
                          "promotions": 0, "demotions": 0, "tier_errors": 0}
         for st in self.tiers:
@@ -215,7 +218,13 @@ class KVStore:
                     break
         return key
 
+    def _wait_pending(self, skey: str) -> None:
+        fut = self._pending.get(skey)
+        if fut is not None:
+            fut.result()  # read-your-writes: a lookup never misses a put still in flight
+
     def _lookup(self, skey: str, device) -> ChunkEntry | None:
+        self._wait_pending(skey)
         for level, st in enumerate(self.tiers):
             if not st.healthy:
                 continue
@@ -251,6 +260,38 @@ class KVStore:
                             self.counters["promotions"] += 1
             return entry.decode(device)
         return None
+
+    def put_later(self, kv: KVCache, token_ids: Sequence[int] | Tensor, *, model: str,
+                  namespace: str = "default", public: bool = False, **kw) -> Future:
+        """``put`` off the request's critical path (write-behind).
+
+        The K/V is snapshotted first (the caller may reuse its buffers); lookups of the same key
+        wait for the write, so the store stays read-your-writes consistent.
+        """
+        check_namespace(namespace)
+        ids = torch.as_tensor(token_ids if not torch.is_tensor(token_ids) else token_ids.cpu(),
+                              dtype=torch.int64).reshape(-1)
+        key = self.key_for(model, ids, kw.get("prefix_key"))
+        skey = f"{PUBLIC_NAMESPACE if public else namespace}/{key}"
+        snap = kv.clone()
+
+        def run():
+            try:
+                return self.put(snap, ids, model=model, namespace=namespace, public=public, **kw)
+            finally:
+                with self._lock:
+                    if self._pending.get(skey) is fut:
+                        del self._pending[skey]
+
+        with self._lock:
+            fut = self._writer.submit(run)
+            self._pending[skey] = fut
+        return fut
+
+    def flush(self) -> None:
+        """Wait for every write-behind put."""
+        for fut in list(self._pending.values()):
+            fut.result()
 
     def get(self, key: str, namespace: str = "default",
             device: torch.device | str | None = None) -> ChunkEntry | None:
@@ -293,6 +334,8 @@ class KVStore:
         return [self._pool.submit(load, k) for k in keys]
 
     def contains(self, key: str, namespace: str = "default") -> bool:
+        for ns in (namespace, PUBLIC_NAMESPACE):
+            self._wait_pending(f"{ns}/{key}")
         with self._lock:
             return any(f"{ns}/{key}" in st.sizes for st in self.tiers
                        for ns in (namespace, PUBLIC_NAMESPACE))
@@ -343,6 +386,8 @@ class KVStore:
             }
 
     def close(self) -> None:
+        self.flush()
+        self._writer.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         for st in self.tiers:
             st.tier.close()
