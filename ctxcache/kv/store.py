@@ -344,6 +344,7 @@ class KVStore:
         check_key(key)
         check_namespace(namespace)
         skey = f"{namespace}/{key}"
+        self._wait_pending(skey)  # a write still in flight would resurrect the entry
         found = False
         for st in self.tiers:
             try:
@@ -357,6 +358,7 @@ class KVStore:
 
     def delete_namespace(self, namespace: str) -> int:
         check_namespace(namespace)
+        self.flush()
         with self._lock:
             keys = {s for st in self.tiers for s in st.sizes if s.startswith(namespace + "/")}
         for skey in keys:
