@@ -388,3 +388,11 @@ def test_write_behind_put_is_read_your_writes(tmp_path):
     assert all(f.result(timeout=30) is not None for f in futures)
     assert all(m.result() for m in many)
     store.close()
+
+
+def test_batch_put_and_get():
+    store = KVStore([MemoryTier(1 << 22)])
+    keys = store.put_many([{"kv": make_kv(8, seed=i), "token_ids": ids_for(8, 200 + i)}
+                           for i in range(4)], model=MODEL, namespace="batch")
+    got = store.get_many(keys, "batch")
+    assert [g.token_ids.tolist() for g in got] == [ids_for(8, 200 + i) for i in range(4)]

@@ -261,6 +261,12 @@ class KVStore:
             return entry.decode(device)
         return None
 
+    def put_many(self, items: Sequence[dict], **common) -> list[str | None]:
+        """Store several chunks: each item holds ``kv`` and ``token_ids`` (+ per-item options);
+        ``common`` options (model, namespace, …) apply to all."""
+        return [self.put(it["kv"], it["token_ids"], **{**common, **{
+            k: v for k, v in it.items() if k not in ("kv", "token_ids")}}) for it in items]
+
     def put_later(self, kv: KVCache, token_ids: Sequence[int] | Tensor, *, model: str,
                   namespace: str = "default", public: bool = False, **kw) -> Future:
         """``put`` off the request's critical path (write-behind).
