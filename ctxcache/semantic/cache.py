@@ -17,7 +17,7 @@ import json
 import random
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +133,7 @@ class SemanticCache:
         verify_rate: float = 0.0,
         max_text_chars: int = MAX_TEXT_CHARS,
         seed: int | None = None,
+        embedding_cache_size: int = 10_000,
     ):
         self.embedder = embedder
         self.categories = list(categories)
@@ -159,6 +160,8 @@ class SemanticCache:
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-hits")
+        self._emb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.embedding_cache_size = embedding_cache_size
         self._load_all()
 
     # ------------------------------------------------------------------ startup
@@ -217,7 +220,20 @@ class SemanticCache:
                 f"unknown category {req.category!r}; known: {', '.join(self.categories)}")
 
     def embed(self, text: str) -> np.ndarray:
-        return self.embedder.embed([text])[0]
+        """Embedding of ``text``, memoised (LRU): exact repeats — the most common hits — skip
+        the encoder, which dominates the hit path on a CPU."""
+        key = hashlib.sha256(text.encode()).digest()
+        with self._lock:
+            v = self._emb_cache.get(key)
+            if v is not None:
+                self._emb_cache.move_to_end(key)
+                return v
+        v = self.embedder.embed([text])[0]
+        with self._lock:
+            self._emb_cache[key] = v
+            if len(self._emb_cache) > self.embedding_cache_size:
+                self._emb_cache.popitem(last=False)
+        return v
 
     # ------------------------------------------------------------------ lookup
     def lookup(self, req: CacheRequest, embedding: np.ndarray | None = None) -> LookupResult:
