@@ -114,27 +114,6 @@ def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
     return key, out.kv
 
 
-def place(ctx: FusionContext, kv: KVCache, start: int) -> KVCache:
-    """Move a cached chunk so its first token sits at position ``start`` (RoPE shift of K)."""
-    delta = start - int(kv.positions[0])
-    if delta == 0:
-        return kv
-    e = ctx.engine
-    k = e.ops.rope_shift(kv.k.to(e.device, copy=True).contiguous(),
-                         torch.full((kv.num_tokens,), delta, device=e.device),
-                         e.rope.inv_freq.to(e.device))
-    return KVCache(k, kv.v, kv.positions + delta)
-
-
-def placeholder(ctx: FusionContext, n: int, start: int) -> KVCache:
-    """Zero K/V for tokens that will be computed (keeps the assembled layout contiguous)."""
-    s = ctx.engine.spec
-    k = torch.zeros(s.num_layers, s.num_kv_heads, n, s.head_dim, dtype=ctx.engine.dtype,
-                    device=ctx.engine.device)
-    return KVCache(k, torch.zeros_like(k),
-                   torch.arange(start, start + n, device=ctx.engine.device))
-
-
 @dataclass
 class PrefixState:
     """The prompt's leading prefix (system prompt): exact K/V at positions 0..s-1 and its key."""

@@ -40,13 +40,6 @@ class SelectiveOutput:
     deviations: dict | None = None  # layer → (global indices, deviation) at selection layers
 
 
-def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> Tensor:
-    """Per-token squared L2 distance of fresh vs cached K and V, summed over heads → [T]."""
-    dk = (k_new.float() - k_old.float()).pow(2).sum(dim=(0, 2))
-    dv = (v_new.float() - v_old.float()).pow(2).sum(dim=(0, 2))
-    return dk + dv
-
-
 def ratio_schedule(r: float, layer: int, select_from: int, widen: float, narrow_layers: int
                    ) -> float:
     """Fraction of candidates kept after ``layer``: starts at min(1, r·widen) at the first
