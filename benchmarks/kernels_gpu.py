@@ -21,6 +21,18 @@ from ctxcache.kernels.reference import (  # noqa: E402
 )
 
 
+def attention_inputs(T: int, r: float, g: torch.Generator, Hq: int = 32, H: int = 8,
+                     D: int = 128, dev: str = "cuda"):
+    """Llama-3-8B-shaped inputs: ``r·T`` gathered queries (sorted random positions) over T keys."""
+    n = int(T * r)
+    q = torch.randn(Hq, n, D, device=dev, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(H, T, D, device=dev, generator=g, dtype=torch.bfloat16)
+    v = torch.randn(H, T, D, device=dev, generator=g, dtype=torch.bfloat16)
+    kp = torch.arange(T, device=dev)
+    qp = torch.sort(torch.randperm(T, device=dev, generator=g)[:n]).values
+    return q, k, v, qp, kp
+
+
 def bench(fn, repeat=20) -> float:
     for _ in range(3):
         fn()
@@ -57,12 +69,7 @@ def main() -> None:
                      "GBps": nbytes / t / 1e9, "of_hbm": nbytes / t / 1e9 / hbm})
         K = None  # free before the next shape
         for r in (0.05, 0.15, 0.3):
-            n = int(T * r)
-            q = torch.randn(Hq, n, D, device=dev, generator=g, dtype=torch.bfloat16)
-            k = torch.randn(H, T, D, device=dev, generator=g, dtype=torch.bfloat16)
-            v = torch.randn(H, T, D, device=dev, generator=g, dtype=torch.bfloat16)
-            kp = torch.arange(T, device=dev)
-            qp = torch.sort(torch.randperm(T, device=dev, generator=g)[:n]).values
+            q, k, v, qp, kp = attention_inputs(T, r, g, Hq, H, D, dev)
             if T == 8192 and r == 0.15:
                 ref = selective_attention_ref(q[:4], k[:1], v[:1], qp, kp, D ** -0.5)
                 out = ops.selective_attention(q[:4], k[:1], v[:1], qp, kp, D ** -0.5)

@@ -50,6 +50,19 @@ def bench_tiers(kv: KVCache, repeat: int, device: str, redis_url: str | None) ->
                      "store_GBps": nbytes / t_store / 1e9, "raw_GBps": nbytes / t_raw / 1e9,
                      "store_over_raw_time": t_store / t_raw})
 
+    def compare(name, store, raw_put, raw_put_name, raw_get, raw_get_name) -> None:
+        """A persistent tier's put (fresh key each time) and get vs the raw operations."""
+        key = store.key_for("m", ids)
+
+        def put():
+            store.delete(key)
+            store.put(kv, ids, model="m")
+
+        row(name, "put", timeit(put, "cpu", repeat)["median_s"],
+            timeit(raw_put, "cpu", repeat)["median_s"], raw_put_name)
+        row(name, "get", timeit(lambda: store.get(key), "cpu", repeat)["median_s"],
+            timeit(raw_get, "cpu", repeat)["median_s"], raw_get_name)
+
     # --- CPU memory tier (pinned when CUDA is present)
     pin = device == "cuda"
     store = KVStore([MemoryTier(4 * GiB, "cpu", pin=pin)], admission=None)
@@ -115,15 +128,7 @@ def bench_tiers(kv: KVCache, repeat: int, device: str, redis_url: str | None) ->
             with open(raw_path, "rb") as f:
                 f.read()
 
-        def put_disk():
-            dstore.delete(dstore.key_for("m", ids))
-            dstore.put(kv, ids, model="m")
-
-        row("disk", "put", timeit(put_disk, "cpu", repeat)["median_s"],
-            timeit(raw_write, "cpu", repeat)["median_s"], "write+fsync")
-        dkey = dstore.key_for("m", ids)
-        row("disk", "get", timeit(lambda: dstore.get(dkey), "cpu", repeat)["median_s"],
-            timeit(raw_read, "cpu", repeat)["median_s"], "read (page cache)")
+        compare("disk", dstore, raw_write, "write+fsync", raw_read, "read (page cache)")
         dstore.close()
 
     # --- Redis tier vs SET/GET of the same bytes in the same part size
@@ -148,15 +153,7 @@ def bench_tiers(kv: KVCache, repeat: int, device: str, redis_url: str | None) ->
         def raw_get():
             tier.client.mget([f"{prefix}:raw:{i}" for i in range(len(parts))])
 
-        def put_redis():
-            rstore.delete(rstore.key_for("m", ids))
-            rstore.put(kv, ids, model="m")
-
-        row("redis", "put", timeit(put_redis, "cpu", repeat)["median_s"],
-            timeit(raw_set, "cpu", repeat)["median_s"], "SET parts")
-        rkey = rstore.key_for("m", ids)
-        row("redis", "get", timeit(lambda: rstore.get(rkey), "cpu", repeat)["median_s"],
-            timeit(raw_get, "cpu", repeat)["median_s"], "MGET parts")
+        compare("redis", rstore, raw_set, "SET parts", raw_get, "MGET parts")
         tier.clear()
     return rows
 

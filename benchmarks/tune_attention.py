@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import print_table, write_json  # noqa: E402
+from benchmarks.kernels_gpu import attention_inputs  # noqa: E402
 from ctxcache.kernels import triton_ops as t  # noqa: E402
 from ctxcache.kernels.reference import selective_attention_ref  # noqa: E402
 
@@ -24,12 +25,7 @@ def main() -> None:
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
     for T, r in ((8192, 0.15), (16384, 0.15), (8192, 0.05)):
-        n = int(T * r)
-        q = torch.randn(Hq, n, D, device=dev, generator=g, dtype=torch.bfloat16)
-        k = torch.randn(H, T, D, device=dev, generator=g, dtype=torch.bfloat16)
-        v = torch.randn(H, T, D, device=dev, generator=g, dtype=torch.bfloat16)
-        kp = torch.arange(T, device=dev)
-        qp = torch.sort(torch.randperm(T, device=dev, generator=g)[:n]).values
+        q, k, v, qp, kp = attention_inputs(T, r, g, Hq, H, D, dev)
         ref = selective_attention_ref(q[:4], k[:1], v[:1], qp, kp, D ** -0.5).float()
         for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
             t.ATTN_CONFIG.update(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
