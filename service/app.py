@@ -113,9 +113,6 @@ class Gate:
             self.metrics.in_flight.set(self.running)
         self.sem.release()
 
-    def load(self) -> float:
-        return min(1.0, self.waiting / max(self.max_queue, 1))
-
 
 # ---------------------------------------------------------------------------- state
 @dataclass

@@ -8,7 +8,6 @@ plus facts filled in as it runs (prompt tokens, tokens served from cache, strate
 from __future__ import annotations
 
 import json
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -66,10 +65,6 @@ class Backend(ABC):
     def flush(self) -> None:  # pragma: no cover - optional
         pass
 
-    def load(self) -> float:
-        """Backend load in [0, 1] for load-adaptive caching (0 when unknown)."""
-        return 0.0
-
 
 def rag_template(engine: Engine, system: str) -> tuple[list[int], str, str]:
     """Token ids of the prompt head (system + opening of the user turn) and the text that
@@ -100,8 +95,6 @@ class EmbeddedBackend(Backend):
         self.planner = planner or Planner(
             default_strategies(cacheblend={"recompute_ratio": recompute_ratio}),
             default="cacheblend")
-        self.busy = threading.Semaphore(1)
-        self.waiting = 0
 
     def _segments_for_chat(self, messages: list[dict]) -> list[Segment]:
         """Split the templated conversation at message boundaries so each turn is a cacheable
