@@ -97,7 +97,7 @@ def segments_for(engine: Engine, p: dict, order: list[int] | None = None) -> lis
 def greedy(engine: Engine, res, n: int) -> list[int]:
     out = []
     for c in stream_from_kv(engine, res.kv, res.logits, SamplingParams(max_tokens=n),
-                            key_bias=res.key_bias):
+                            context_group=res.context_group):
         if c.token_id is not None:
             out.append(c.token_id)
     return out

@@ -1,11 +1,18 @@
-"""Profile one warm TTFT of naive and CacheBlend at 8K (GPU): where the time goes.
+"""Where the time to first token goes (GPU): wall time vs GPU busy time, launches, host syncs
+and per-phase time of every reuse strategy, from torch.profiler.
 
-    python benchmarks/profile_ttft.py [OUT_DIR]
+A strategy whose wall time is far above its GPU busy time is bound by host overhead (Python,
+launches, synchronisations), not by the work it does. Phases come from the strategies' own
+``Timer`` ranges (lookup, assembly, selection, layer loop, first token).
+
+    python benchmarks/profile_ttft.py --model random:qwen2.5-0.5b --contexts 8192
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -14,34 +21,87 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from benchmarks.ttft import make_prompt  # noqa: E402
 from ctxcache.engine import Engine  # noqa: E402
-from ctxcache.fusion import CacheBlend, FusionContext, NaiveReuse  # noqa: E402
+from ctxcache.fusion import FusionContext, make_strategy  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
+
+SYNC_OPS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+            "cudaEventSynchronize")
+VARIANTS = {"full": ("full", {}), "naive": ("naive", {}),
+            "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15}),
+            "cacheblend 5%": ("cacheblend", {"recompute_ratio": 0.05}),
+            "cachecraft 15%": ("cachecraft", {"base_ratio": 0.15}), "ape": ("ape", {})}
+
+
+def profile_one(fn) -> dict:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    gpu_us, kernels, syncs, phases, cpu_ops = 0.0, 0, 0, {}, {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gpu_us += e.device_time
+            kernels += 1
+        elif e.name in SYNC_OPS:
+            syncs += 1
+        elif e.name.startswith("phase:"):
+            phases[e.name[6:]] = phases.get(e.name[6:], 0.0) + e.cpu_time_total / 1e3
+    for ka in prof.key_averages():
+        if ka.device_type != torch.autograd.DeviceType.CUDA:
+            cpu_ops[ka.key] = ka.self_cpu_time_total / 1e3
+    top = sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_busy_ms": gpu_us / 1e3, "kernels": kernels, "host_syncs": syncs,
+            "phases_ms": phases, "top_cpu_ops_ms": top}
 
 
 def main() -> None:
-    out = sys.argv[1] if len(sys.argv) > 1 else "."
-    engine = Engine.load("random:llama-3-8b", device="cuda", dtype="bf16", kernels="triton")
-    segs = make_prompt(8192, 8192, engine.spec.vocab_size)
-    ctx = FusionContext(engine, KVStore([MemoryTier(40 << 30, "cuda")]))
-    for name, strat in (("naive", NaiveReuse()), ("cacheblend15", CacheBlend(0.15))):
-        for _ in range(3):
-            strat.build(ctx, segs).logits.argmax().item()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        r = strat.build(ctx, segs)
-        r.logits.argmax().item()
-        wall = time.perf_counter() - t0
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            strat.build(ctx, segs).logits.argmax().item()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        cuda_table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
-        print(f"== {name}: wall {wall * 1e3:.1f} ms, phases {r.stats.phases}")
-        print(table)
-        print(cuda_table)
-        with open(os.path.join(out, f"profile_{name}.txt"), "w") as f:
-            f.write(f"wall {wall * 1e3:.1f} ms phases {r.stats.phases}\n{table}\n{cuda_table}\n")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="random:qwen2.5-0.5b")
+    ap.add_argument("--contexts", default="8192")
+    ap.add_argument("--strategies", default=",".join(VARIANTS))
+    ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    engine = Engine.load(args.model, device="cuda", dtype="bf16", kernels="triton")
+    rows = []
+    for n in [int(x) for x in args.contexts.split(",")]:
+        segs = make_prompt(n, n, engine.spec.vocab_size)
+        ctx = FusionContext(engine, KVStore([MemoryTier(60 << 30, "cuda")], eviction="lru"))
+        for label in args.strategies.split(","):
+            name, params = VARIANTS[label]
+            strat = make_strategy(name, **params)
+
+            def run():
+                strat.build(ctx, segs).logits.argmax().item()
+
+            for _ in range(4):  # builds chunk caches, compiles kernels, cachecraft learns
+                run()
+            ts = []
+            for _ in range(args.repeat):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run()
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            prof = profile_one(run)
+            row = {"model": args.model, "context": n, "strategy": label,
+                   "wall_ms": statistics.median(ts) * 1e3, **prof}
+            rows.append(row)
+            print(f"{n} {label}: wall {row['wall_ms']:.1f} ms, GPU busy {row['gpu_busy_ms']:.1f} "
+                  f"ms, {row['kernels']} kernels, {row['host_syncs']} syncs, phases "
+                  f"{ {k: round(v, 2) for k, v in row['phases_ms'].items()} }", flush=True)
+            print("   top CPU ops:", [(k, round(v, 2)) for k, v in row["top_cpu_ops_ms"][:6]])
+        ctx.store.close()
+    print_table(f"TTFT profile — {args.model} bf16, {torch.cuda.get_device_name()}",
+                ["context", "strategy", "wall ms", "GPU busy ms", "busy share", "kernels",
+                 "host syncs"],
+                [[r["context"], r["strategy"], r["wall_ms"], r["gpu_busy_ms"],
+                  r["gpu_busy_ms"] / r["wall_ms"], r["kernels"], r["host_syncs"]] for r in rows])
+    tag = args.model.split(":")[-1].replace("/", "_")
+    write_json(f"profile_ttft_{tag}", {"benchmark": "profile_ttft", "model": args.model,
+                                       "env": environment("cuda"), "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

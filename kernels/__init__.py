@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctxcache.kernels.reference import kv_deviation_ref, rope_shift_ref
+from ctxcache.kernels.reference import (
+    add_rms_norm_ref, kv_deviation_at_ref, kv_deviation_ref, rope_shift_ref, silu_mul_ref,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,13 @@ class Ops:
     kv_deviation: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
     scatter_kv: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
     plan: Callable[..., object] = lambda q_pos, k_pos, head_dim, k_sorted=None, group=1: None
+    # fused steps of the layer loop (h += r; RMSNorm), SwiGLU gate, deviation against cached
+    # rows in place; the Triton set adds one-launch RoPE(+scatter) and chunk assembly
+    add_rms_norm: Callable[..., Tensor] = add_rms_norm_ref
+    silu_mul: Callable[[Tensor], Tensor] = silu_mul_ref
+    kv_deviation_at: Callable[..., Tensor] = kv_deviation_at_ref
+    rope_qkv: Callable[..., None] | None = None
+    assemble_kv: Callable[..., None] | None = None
 
 
 def _torch_rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
@@ -88,4 +97,5 @@ def get_ops(backend: str = "auto", device: str | torch.device = "cpu") -> Ops:
     from ctxcache.kernels import triton_ops as t
 
     return Ops("triton", t.rope_shift, t.selective_attention, t.kv_deviation, t.scatter_kv,
-               t.attention_plan)
+               t.attention_plan, t.add_rms_norm, t.silu_mul, t.kv_deviation_at, t.rope_qkv,
+               t.assemble_kv)

@@ -274,3 +274,246 @@ def scatter_kv(K: Tensor, V: Tensor, index: Tensor, k_rows: Tensor, v_rows: Tens
         k_rows, v_rows = k_rows.contiguous(), v_rows.contiguous()
     _scatter_kernel[(n, h)](K, V, index.to(torch.int32).contiguous(), k_rows, v_rows, n,
                             K.stride(0), K.stride(1), k_rows.stride(0), k_rows.stride(1), D=d)
+
+
+# ---------------------------------------------------------------------------- assembly
+@triton.jit
+def _assemble_kernel(K, V, OFF_K, OFF_V, SRC_T, SLOT_SRC, SLOT_TOK, SLOT_DELTA, inv_freq, N,
+                     H, layer0, s_kl, s_kh, s_kt,
+                     HALF: tl.constexpr, BLOCK_T: tl.constexpr, SHIFT: tl.constexpr):
+    # Sources are separate [L, H, T_s, D] tensors anywhere in the (unified) address space; each
+    # is reached as K/V + a per-source element offset, so one launch serves any number of them.
+    pid_t = tl.program_id(0)
+    lh = tl.program_id(1)
+    layer = layer0 + lh // H
+    head = lh % H
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < N
+    sid = tl.load(SLOT_SRC + t, mask=tm, other=-1)
+    have = tm & (sid >= 0)
+    sid = tl.where(have, sid, 0)
+    stok = tl.load(SLOT_TOK + t, mask=have, other=0).to(tl.int64)
+    slen = tl.load(SRC_T + sid, mask=have, other=1).to(tl.int64)
+    row = ((layer * H + head).to(tl.int64) * slen + stok) * (2 * HALF)
+    ok = tl.load(OFF_K + sid, mask=have, other=0) + row
+    ov = tl.load(OFF_V + sid, mask=have, other=0) + row
+    j = tl.arange(0, HALF)
+    m = have[:, None]
+    x1 = tl.load(K + ok[:, None] + j[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(K + ok[:, None] + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    if SHIFT:
+        d = tl.load(SLOT_DELTA + t, mask=have, other=0).to(tl.float32)
+        f = tl.load(inv_freq + j)
+        ang = d[:, None] * f[None, :]
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+        o1 = x1 * c - x2 * s
+        o2 = x2 * c + x1 * s
+    else:
+        o1 = x1
+        o2 = x2
+    dst = layer.to(tl.int64) * s_kl + head * s_kh + t.to(tl.int64) * s_kt
+    sm = tm[:, None]
+    tl.store(K + dst[:, None] + j[None, :], o1.to(K.dtype.element_ty), mask=sm)
+    tl.store(K + dst[:, None] + HALF + j[None, :], o2.to(K.dtype.element_ty), mask=sm)
+    y1 = tl.load(V + ov[:, None] + j[None, :], mask=m, other=0.0)
+    y2 = tl.load(V + ov[:, None] + HALF + j[None, :], mask=m, other=0.0)
+    tl.store(V + dst[:, None] + j[None, :], y1, mask=sm)
+    tl.store(V + dst[:, None] + HALF + j[None, :], y2, mask=sm)
+
+
+def source_offsets(K: Tensor, V: Tensor, sources) -> tuple[list[int], list[int], list[int]]:
+    """Element offsets of each source's K and V from ``K`` / ``V`` (host ints) and lengths."""
+    esz = K.element_size()
+    bk, bv = K.data_ptr(), V.data_ptr()
+    ok, ov, ln = [], [], []
+    for k, v in sources:
+        dk, dv = k.data_ptr() - bk, v.data_ptr() - bv
+        if dk % esz or dv % esz or k.dtype != K.dtype or v.dtype != V.dtype:
+            raise ValueError("assembly sources must share the buffer's dtype and alignment")
+        ok.append(dk // esz)
+        ov.append(dv // esz)
+        ln.append(k.shape[2])
+    return ok, ov, ln
+
+
+def assemble_kv(K: Tensor, V: Tensor, tables: Tensor, n_slots: int, inv_freq: Tensor,
+                shift: bool, layers: tuple[int, int] | None = None) -> None:
+    """Fill slots 0..n_slots-1 of K/V [L, H, Nb, D] from chunk sources in one launch.
+
+    ``tables`` (device int64) packs, in order: per-source K offsets, V offsets and lengths
+    (S each, from ``source_offsets``), then per-slot source id, source token and position delta
+    (n_slots each) — one host→device copy carries the whole plan. ``layers`` = (first, count)
+    restricts the launch to a range of layers (layer-wise loading).
+    """
+    L, H, _, D = K.shape
+    if n_slots == 0:
+        return
+    assert K.stride() == V.stride() and K.stride(-1) == 1
+    s = (tables.numel() - 3 * n_slots) // 3
+    off_k, off_v, src_t = tables[:s], tables[s:2 * s], tables[2 * s:3 * s]
+    slot = tables[3 * s:]
+    first, count = layers if layers is not None else (0, L)
+    BLOCK_T = 16 if K.device.type == "cpu" else 32
+    grid = (triton.cdiv(n_slots, BLOCK_T), count * H)
+    _assemble_kernel[grid](K, V, off_k, off_v, src_t, slot[:n_slots], slot[n_slots:2 * n_slots],
+                           slot[2 * n_slots:], inv_freq, n_slots, H, first, K.stride(0),
+                           K.stride(1), K.stride(2), HALF=D // 2, BLOCK_T=BLOCK_T, SHIFT=shift)
+
+
+# ---------------------------------------------------------------------------- norm / MLP
+@triton.jit
+def _add_rms_kernel(Hs, R, W, X, n_cols, s_h, s_r, s_x, eps, HAS_R: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < n_cols
+    h = tl.load(Hs + row * s_h + c, mask=m, other=0.0)
+    if HAS_R:
+        r = tl.load(R + row * s_r + c, mask=m, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(Hs.dtype.element_ty)
+        tl.store(Hs + row * s_h + c, h, mask=m)
+    hf = h.to(tl.float32)
+    var = tl.sum(hf * hf, 0) / n_cols
+    w = tl.load(W + c, mask=m, other=0.0).to(tl.float32)
+    y = hf * tl.rsqrt(var + eps) * w
+    tl.store(X + row * s_x + c, y.to(X.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(h: Tensor, r: Tensor | None, w: Tensor, eps: float) -> Tensor:
+    """``h += r`` in place (one rounding), then RMSNorm(h)·w, in one pass over the rows."""
+    t, n = h.shape
+    x = torch.empty_like(h)
+    if t == 0:
+        return x
+    assert h.stride(-1) == 1 and (r is None or r.stride(-1) == 1)
+    BLOCK = triton.next_power_of_2(n)
+    _add_rms_kernel[(t,)](h, r if r is not None else h, w, x, n, h.stride(0),
+                          r.stride(0) if r is not None else 0, x.stride(0), eps,
+                          HAS_R=r is not None, BLOCK=BLOCK,
+                          num_warps=8 if BLOCK >= 4096 else 4)
+    return x
+
+
+@triton.jit
+def _silu_mul_kernel(GU, O, n, s_g, s_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < n
+    g = tl.load(GU + row * s_g + c, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * s_g + n + c, mask=m, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(O + row * s_o + c, y.to(O.dtype.element_ty), mask=m)
+
+
+def silu_mul(gu: Tensor) -> Tensor:
+    """SwiGLU: ``silu(gu[:, :I]) · gu[:, I:]`` for the fused gate/up output [T, 2I]."""
+    t, two_i = gu.shape
+    i = two_i // 2
+    out = torch.empty(t, i, dtype=gu.dtype, device=gu.device)
+    if t == 0:
+        return out
+    BLOCK = 1024 if gu.device.type == "cuda" else 64
+    _silu_mul_kernel[(t, triton.cdiv(i, BLOCK))](gu, out, i, gu.stride(0), out.stride(0),
+                                                 BLOCK=BLOCK)
+    return out
+
+
+# ---------------------------------------------------------------------------- RoPE on Q/K/V
+@triton.jit
+def _rope_qkv_kernel(QKV, POS, inv_freq, K, V, SLOTS, T, s_row, HQ, HKV, s_kh, s_kt, scaling,
+                     HALF: tl.constexpr, BLOCK_T: tl.constexpr, SCATTER: tl.constexpr,
+                     SCALE: tl.constexpr):
+    pid_t = tl.program_id(0)
+    head = tl.program_id(1)  # 0..HQ-1 query heads, then HKV key heads
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < T
+    m = tm[:, None]
+    j = tl.arange(0, HALF)
+    p = tl.load(POS + t, mask=tm, other=0).to(tl.float32)
+    f = tl.load(inv_freq + j)
+    ang = p[:, None] * f[None, :]
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    base = QKV + t.to(tl.int64)[:, None] * s_row + head * (2 * HALF)
+    x1 = tl.load(base + j[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
+    o1 = x1 * c - x2 * s
+    o2 = x2 * c + x1 * s
+    if SCALE:
+        o1 = o1 * scaling
+        o2 = o2 * scaling
+    o1 = o1.to(QKV.dtype.element_ty)
+    o2 = o2.to(QKV.dtype.element_ty)
+    tl.store(base + j[None, :], o1, mask=m)
+    tl.store(base + HALF + j[None, :], o2, mask=m)
+    if SCATTER:
+        if head >= HQ:
+            kvh = head - HQ
+            slot = tl.load(SLOTS + t, mask=tm, other=0).to(tl.int64)
+            dst = kvh * s_kh + slot * s_kt
+            tl.store(K + dst[:, None] + j[None, :], o1.to(K.dtype.element_ty), mask=m)
+            tl.store(K + dst[:, None] + HALF + j[None, :], o2.to(K.dtype.element_ty), mask=m)
+            vb = QKV + t.to(tl.int64)[:, None] * s_row + (HQ + HKV + kvh) * (2 * HALF)
+            v1 = tl.load(vb + j[None, :], mask=m, other=0.0)
+            v2 = tl.load(vb + HALF + j[None, :], mask=m, other=0.0)
+            tl.store(V + dst[:, None] + j[None, :], v1.to(V.dtype.element_ty), mask=m)
+            tl.store(V + dst[:, None] + HALF + j[None, :], v2.to(V.dtype.element_ty), mask=m)
+
+
+def rope_qkv(qkv: Tensor, pos: Tensor, inv_freq: Tensor, hq: int, hkv: int,
+             scaling: float = 1.0, K: Tensor | None = None, V: Tensor | None = None,
+             slots: Tensor | None = None) -> None:
+    """Rotate the Q and K heads of fused rows ``qkv`` [T, (Hq+2Hkv)·D] in place to ``pos``
+    (int32, [T]); with ``K``/``V`` [Hkv, N, D] and ``slots`` [T], also write each row's rotated
+    K and its V into those buffers at its slot (RoPE + scatter in one launch)."""
+    t = qkv.shape[0]
+    if t == 0:
+        return
+    d = qkv.shape[1] // (hq + 2 * hkv)
+    assert qkv.stride(-1) == 1
+    scatter = K is not None
+    BLOCK_T = 16
+    _rope_qkv_kernel[(triton.cdiv(t, BLOCK_T), hq + hkv)](
+        qkv, pos, inv_freq, K if scatter else qkv, V if scatter else qkv,
+        slots if scatter else pos, t, qkv.stride(0), hq, hkv,
+        K.stride(0) if scatter else 0, K.stride(1) if scatter else 0, scaling,
+        HALF=d // 2, BLOCK_T=BLOCK_T, SCATTER=scatter, SCALE=scaling != 1.0)
+
+
+# ---------------------------------------------------------------------------- deviation at slots
+@triton.jit
+def _kv_dev_at_kernel(KN, VN, KO, VO, SLOTS, out, T, s_nh, s_nt, s_oh, s_ot,
+                      H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    tb = tl.program_id(0)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = t < T
+    d = tl.arange(0, D)
+    slot = tl.load(SLOTS + t, mask=tmask, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_T], tl.float32)
+    m = tmask[:, None]
+    tn = t.to(tl.int64)
+    for h in range(0, H):
+        kn = tl.load(KN + h * s_nh + tn[:, None] * s_nt + d[None, :], mask=m, other=0.0)
+        ko = tl.load(KO + h * s_oh + slot[:, None] * s_ot + d[None, :], mask=m, other=0.0)
+        vn = tl.load(VN + h * s_nh + tn[:, None] * s_nt + d[None, :], mask=m, other=0.0)
+        vo = tl.load(VO + h * s_oh + slot[:, None] * s_ot + d[None, :], mask=m, other=0.0)
+        dk = kn.to(tl.float32) - ko.to(tl.float32)
+        dv = vn.to(tl.float32) - vo.to(tl.float32)
+        acc += tl.sum(dk * dk + dv * dv, 1)
+    tl.store(out + t, acc, mask=tmask)
+
+
+def kv_deviation_at(k_new: Tensor, v_new: Tensor, K: Tensor, V: Tensor, slots: Tensor) -> Tensor:
+    """[T] fp32 deviation of fresh rows [H, T, D] from the cached rows ``K[:, slots]``; reads
+    the cache in place (no gathered copy)."""
+    h, t, d = k_new.shape
+    out = torch.empty(t, dtype=torch.float32, device=k_new.device)
+    if t == 0:
+        return out
+    assert k_new.stride() == v_new.stride() and K.stride() == V.stride()
+    BLOCK_T = 32
+    _kv_dev_at_kernel[(triton.cdiv(t, BLOCK_T),)](
+        k_new, v_new, K, V, slots, out, t, k_new.stride(0), k_new.stride(1), K.stride(0),
+        K.stride(1), H=h, D=d, BLOCK_T=BLOCK_T)
+    return out

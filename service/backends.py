@@ -124,7 +124,7 @@ class EmbeddedBackend(Backend):
 
     def generate(self, req: GenRequest) -> GenStream:
         e = self.engine
-        ctx = FusionContext(e, self.store, req.tenant)
+        ctx = FusionContext(e, self.store, req.tenant, reserve_tokens=req.params.max_tokens)
         if req.rag is not None:
             segs = self.rag_segments(req.rag)
             strategy = req.strategy
@@ -146,7 +146,8 @@ class EmbeddedBackend(Backend):
         info = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.reused_tokens,
                 "strategy": st.strategy, "stats": st.as_dict()}
         chunks = stream_from_kv(e, result.kv, result.logits, req.params,
-                                should_stop=req.should_stop, key_bias=result.key_bias)
+                                should_stop=req.should_stop, context_group=result.context_group,
+                                storage=result.storage)
         return GenStream(chunks, info)
 
     def health(self) -> bool:

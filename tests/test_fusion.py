@@ -119,9 +119,10 @@ def test_ape_layout_and_decode(ctx, engine):
         assert pos[start].item() == n_prefix
         start += len(x.token_ids)
     assert pos[start].item() == n_prefix + longest
-    assert r.key_bias is not None and r.key_bias.numel() == r.kv.num_tokens
+    g = r.context_group
+    assert g is not None and (g.start, g.end) == (n_prefix, start)
     out = [c for c in stream_from_kv(engine, r.kv, r.logits, SamplingParams(max_tokens=8),
-                                     key_bias=r.key_bias)]
+                                     context_group=g)]
     assert out and out[-1].finish_reason in ("stop", "length")
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ctxcache.engine.kvcache import KVCache
-from ctxcache.engine.runner import Engine
+from ctxcache.engine.runner import ContextGroup, Engine, upload
 from ctxcache.engine.sampling import Sampler, SamplingParams
 from ctxcache.engine.textstream import TextStream
 from ctxcache.errors import InvalidInputError
@@ -48,29 +48,36 @@ class GenerationResult:
 class DecodeBuffer:
     """K/V for a whole sequence, allocated once: [layers, kv_heads, capacity, head_dim]."""
 
-    def __init__(self, engine: Engine, capacity: int):
+    def __init__(self, engine: Engine, capacity: int, storage: KVCache | None = None):
         s = engine.spec
-        self.k = torch.empty(s.num_layers, s.num_kv_heads, capacity, s.head_dim,
-                             dtype=engine.dtype, device=engine.device)
-        self.v = torch.empty_like(self.k)
+        if storage is not None and storage.num_tokens >= capacity:
+            # a reuse strategy assembled the prompt into a buffer with room for the answer:
+            # decode in place instead of copying the whole prompt K/V again
+            self.k, self.v = storage.k, storage.v
+            capacity = storage.num_tokens
+        else:
+            self.k = torch.empty(s.num_layers, s.num_kv_heads, capacity, s.head_dim,
+                                 dtype=engine.dtype, device=engine.device)
+            self.v = torch.empty_like(self.k)
         self.capacity = capacity
         self.length = 0
         self.next_position = 0
-        self.bias: Tensor | None = None  # per-key additive attention bias (APE), or None
+        self.group: ContextGroup | None = None  # APE's context adjustment, or None
+        self._pos: Tensor | None = None  # positions of the keys (only needed with a group)
 
-    def load(self, kv: KVCache, key_bias: Tensor | None = None) -> None:
+    def load(self, kv: KVCache, context_group: ContextGroup | None = None) -> None:
         n = kv.num_tokens
         if n > self.capacity:
             raise InvalidInputError(f"KV of {n} tokens exceeds buffer capacity {self.capacity}")
-        self.k[:, :, :n].copy_(kv.k)
-        self.v[:, :, :n].copy_(kv.v)
+        if kv.k.data_ptr() != self.k.data_ptr():  # not already in place
+            self.k[:, :, :n].copy_(kv.k)
+            self.v[:, :, :n].copy_(kv.v)
         self.length = n
         self.next_position = int(kv.positions.max()) + 1 if n else 0
-        if key_bias is not None:
-            self.bias = torch.zeros(self.capacity, dtype=self.k.dtype, device=self.k.device)
-            self.bias[:n] = key_bias.to(self.k.device, self.k.dtype)
-        else:
-            self.bias = None
+        self.group = context_group
+        if context_group is not None:
+            self._pos = torch.empty(self.capacity, dtype=torch.long, device=self.k.device)
+            self._pos[:n] = kv.positions.to(self.k.device)
 
     def view(self) -> KVCache:
         pos = torch.arange(self.length, device=self.k.device)  # informational only
@@ -86,18 +93,24 @@ def decode_step(engine: Engine, buf: DecodeBuffer, token_id: int) -> Tensor:
     if buf.length >= buf.capacity:
         raise InvalidInputError("decode buffer is full")
     t = buf.length
-    ids = torch.tensor([token_id], device=engine.device)
-    pos = torch.tensor([buf.next_position], device=engine.device)
+    step = upload([token_id, buf.next_position, t], torch.long, engine.device)
+    ids, pos, slot = step[0:1], step[1:2], step[2:3]
+    pos32, slot32 = pos.to(torch.int32), slot.to(torch.int32)
+    if buf.group is not None:
+        buf._pos[t] = buf.next_position
     with engine.lock:
         h = engine.embed(ids)
+        resid = None
         for i in range(engine.spec.num_layers):
-            q, k, v = engine.qkv(i, h, pos)
-            buf.k[i, :, t] = k[:, 0]
-            buf.v[i, :, t] = v[:, 0]
-            bias = None if buf.bias is None else buf.bias[None, : t + 1]
-            a = engine.attend(q, buf.k[i, :, : t + 1], buf.v[i, :, : t + 1], mask=bias)
-            h = engine.finish_layer(i, h, a)
-        logits = engine.logits(h)[0]
+            qkv = engine.layer_in(i, h, resid)
+            q, _, _ = engine.rope_rows(qkv, pos, pos32, buf.k[i], buf.v[i], slot32)
+            k, v = buf.k[i, :, : t + 1], buf.v[i, :, : t + 1]
+            if buf.group is not None:
+                a = engine.attend_grouped(q, k, v, pos, buf._pos[: t + 1], buf.group)
+            else:
+                a = engine.attend(q, k, v)
+            resid = engine.layer_out(i, h, a)
+        logits = engine.lm_head(engine.final_hidden(h, resid)).float()[0]
     buf.length += 1
     buf.next_position += 1
     return logits
@@ -119,17 +132,19 @@ def stream_from_kv(
     params: SamplingParams,
     *,
     should_stop: Callable[[], bool] | None = None,
-    key_bias: Tensor | None = None,
+    context_group: ContextGroup | None = None,
+    storage: KVCache | None = None,
 ) -> Iterator[GenerationChunk]:
     """Decode after a prompt whose K/V is ``kv`` and whose last-token logits are given.
 
-    ``key_bias`` [len(kv)] is an additive attention bias on the prompt's keys kept for the whole
-    decode (APE's scaling factor); generated tokens get none.
+    ``context_group`` keeps APE's attention adjustment on the prompt's contexts for the whole
+    decode. ``storage`` is a buffer whose leading tokens are ``kv`` itself with room after
+    them (from the reuse strategy): decoding continues in place when it is large enough.
     """
     engine.check_kv(kv)
     _check_room(engine, kv.num_tokens, params)
-    buf = DecodeBuffer(engine, kv.num_tokens + params.max_tokens)
-    buf.load(kv.to(engine.device, engine.dtype), key_bias)
+    buf = DecodeBuffer(engine, kv.num_tokens + params.max_tokens, storage)
+    buf.load(kv.to(engine.device, engine.dtype), context_group)
     sampler = Sampler(params, engine.device)
     text = TextStream(engine.decode_ids if engine.tokenizer is not None else (lambda ids: ""),
                       params.stop)

@@ -13,6 +13,7 @@ Batch size is 1 throughout (one request's prompt); the service batches across re
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -25,6 +26,7 @@ from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctxcache.engine.rope import Rope
 from ctxcache.errors import InvalidInputError, KVMismatchError, ModelLoadError
+from ctxcache.kernels.reference import grouped_attention_ref
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -55,6 +57,29 @@ class ModelSpec:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elt = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elt
+
+
+@dataclass(frozen=True)
+class ContextGroup:
+    """APE's adjustment of attention to parallel-encoded contexts: keys [start, end) are the
+    contexts; their logits are divided by ``temperature`` and their share of the softmax is
+    weighted like one term whose log-sum-exp is ``temperature · LSE + log(scale)`` (as in the
+    APE paper's reference implementation). Kept for the whole decode."""
+
+    start: int
+    end: int
+    temperature: float = 1.0
+    scale: float = 1.0
+
+
+def upload(values, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Host values → a device tensor without stalling the device queue: staged in pinned
+    memory and copied asynchronously (a plain copy from pageable memory waits for every
+    queued kernel first)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 @dataclass
@@ -126,24 +151,36 @@ class Engine:
         return ids
 
     def as_ids(self, token_ids: Sequence[int] | Tensor) -> Tensor:
-        """Validate token ids and return them as a 1-D long tensor on the engine's device."""
+        """Validate token ids and return them as a 1-D long tensor on the engine's device.
+
+        Lists are checked on the host and uploaded without stalling the device queue; a
+        tensor already on the device is checked there (one synchronisation)."""
         if torch.is_tensor(token_ids):
-            ids = token_ids.reshape(-1).to(self.device, torch.long)
-        else:
-            try:
-                ids = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)
-            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-                raise InvalidInputError(f"token ids must be integers: {e}") from None
-            ids = ids.reshape(-1)
-        if ids.numel() == 0:
+            ids = token_ids.reshape(-1).to(torch.long)
+            if not ids.numel():
+                raise InvalidInputError("empty prompt: at least one token is required")
+            self._check_range(int(ids.min()), int(ids.max()))
+            return ids.to(self.device)
+        vals = self.check_ids(token_ids)
+        return upload(vals, torch.long, self.device)
+
+    def check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """Host-side validation of a token list (no device work): ints in the vocabulary."""
+        try:
+            vals = [int(t) for t in token_ids]
+        except (TypeError, ValueError, OverflowError) as e:
+            raise InvalidInputError(f"token ids must be integers: {e}") from None
+        if not vals:
             raise InvalidInputError("empty prompt: at least one token is required")
-        lo, hi = int(ids.min()), int(ids.max())
+        self._check_range(min(vals), max(vals))
+        return vals
+
+    def _check_range(self, lo: int, hi: int) -> None:
         if lo < 0 or hi >= self.spec.vocab_size:
             bad = lo if lo < 0 else hi
             raise InvalidInputError(
                 f"token id {bad} is out of range for vocabulary size {self.spec.vocab_size}"
             )
-        return ids
 
     def check_kv(self, kv: KVCache) -> None:
         s = self.spec
@@ -157,16 +194,18 @@ class Engine:
 
     def _positions(self, n: int, positions, start: int) -> Tensor:
         if positions is None:
-            pos = torch.arange(start, start + n, device=self.device)
-        else:
-            pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1).to(self.device)
-            if pos.numel() != n:
-                raise KVMismatchError(f"{n} tokens but {pos.numel()} positions")
+            if start + n > self.spec.max_positions:
+                raise InvalidInputError(
+                    f"positions must lie in [0, {self.spec.max_positions}) for model {self.name}")
+            return torch.arange(start, start + n, device=self.device)
+        pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        if pos.numel() != n:
+            raise KVMismatchError(f"{n} tokens but {pos.numel()} positions")
         if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.spec.max_positions):
             raise InvalidInputError(
                 f"positions must lie in [0, {self.spec.max_positions}) for model {self.name}"
             )
-        return pos
+        return pos.to(self.device)
 
     # ------------------------------------------------------------------ building blocks
     def embed(self, ids: Tensor) -> Tensor:
@@ -193,7 +232,6 @@ class Engine:
                     a.q_proj.bias.data, a.k_proj.bias.data = b[:nq], b[nq:nq + nk]
                     a.v_proj.bias.data = b[nq + nk:]
                     w["qkv_b"] = b
-                w["split"] = (nq, nk)
                 gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
                 ni = mlp.gate_proj.weight.shape[0]
                 mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gu[:ni], gu[ni:]
@@ -216,31 +254,78 @@ class Engine:
             return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
         return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
 
-    def _rope(self, x: Tensor, positions: Tensor) -> Tensor:
-        if self.ops.name == "triton":  # one in-place kernel: rotating by p = encoding at p
-            x = self.ops.rope_shift(x, positions, self.rope.inv_freq_on(x.device))
-            return x * self.rope.attention_scaling if self.rope.attention_scaling != 1.0 else x
-        return self.rope.apply(x, positions)
+    def add_norm(self, norm, h: Tensor, resid: Tensor | None) -> Tensor:
+        """``h += resid`` in place (the residual connection), then the RMSNorm ``norm`` of h.
 
-    def qkv(self, layer: int, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Norm + Q/K/V projections + RoPE for hidden states ``h`` [T, hidden].
+        The residual of one block is added at the start of the next, so the Triton path does
+        both in one pass over the rows."""
+        if self.ops.name == "triton":
+            eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+            return self.ops.add_rms_norm(h, resid, norm.weight, eps)
+        if resid is not None:
+            h.add_(resid)
+        return self._rms(norm, h)
 
-        Returns q [Hq, T, D], k [Hkv, T, D] (rotated to ``positions``), v [Hkv, T, D].
-        """
+    def layer_in(self, layer: int, h: Tensor, resid: Tensor | None) -> Tensor:
+        """Residual from the previous block + input norm → the fused Q/K/V rows [T, (Hq+2Hkv)·D]
+        (Qwen3's per-head Q/K norms applied in place)."""
         w = self._w[layer]
-        x = self._rms(w["ln1"], h)
-        t, d = x.shape[0], self.spec.head_dim
+        x = self.add_norm(w["ln1"], h, resid)
         qkv = F.linear(x, w["qkv"], w["qkv_b"])
-        nq, nk = w["split"]
-        q = qkv[:, :nq].view(t, -1, d)
-        k = qkv[:, nq:nq + nk].view(t, -1, d)
-        v = qkv[:, nq + nk:].view(t, -1, d)
-        if w["q_norm"] is not None:  # Qwen3-style per-head norms
-            q, k = w["q_norm"](q), w["k_norm"](k)
-        # (the Triton RoPE works in place on these views of the fresh qkv buffer)
-        q = self._rope(q.transpose(0, 1), positions)
-        k = self._rope(k.transpose(0, 1), positions)
-        return q, k, v.transpose(0, 1)
+        if w["q_norm"] is not None:
+            t, d, nq = qkv.shape[0], self.spec.head_dim, self.spec.num_heads
+            nk = self.spec.num_kv_heads
+            rows = qkv.view(t, -1, d)
+            rows[:, :nq] = w["q_norm"](rows[:, :nq])
+            rows[:, nq:nq + nk] = w["k_norm"](rows[:, nq:nq + nk])
+        return qkv
+
+    def rope_rows(self, qkv: Tensor, pos: Tensor, pos32: Tensor | None = None,
+                  K: Tensor | None = None, V: Tensor | None = None,
+                  slots: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE on the Q and K heads of ``qkv`` at ``pos``; with K/V [Hkv, N, D] also write each
+        row's K and V into them at ``slots`` (RoPE + scatter in one launch on Triton).
+
+        Returns q [Hq, T, D], k, v [Hkv, T, D] (views into ``qkv`` on the Triton path)."""
+        s = self.spec
+        t, hq, hkv = qkv.shape[0], s.num_heads, s.num_kv_heads
+        x = qkv.view(t, hq + 2 * hkv, s.head_dim)
+        if self.ops.rope_qkv is not None:
+            if pos32 is None:
+                pos32 = pos.to(torch.int32)
+            if K is not None and slots is None:
+                slots = torch.arange(t, dtype=torch.int32, device=qkv.device)
+            self.ops.rope_qkv(qkv, pos32, self.rope.inv_freq_on(qkv.device), hq, hkv,
+                              self.rope.attention_scaling, K, V, slots)
+            return (x[:, :hq].transpose(0, 1), x[:, hq:hq + hkv].transpose(0, 1),
+                    x[:, hq + hkv:].transpose(0, 1))
+        q = self.rope.apply(x[:, :hq].transpose(0, 1), pos)
+        k = self.rope.apply(x[:, hq:hq + hkv].transpose(0, 1), pos)
+        v = x[:, hq + hkv:].transpose(0, 1)
+        if K is not None:
+            if slots is None:
+                K[:, :t] = k
+                V[:, :t] = v
+            else:
+                self.ops.scatter_kv(K, V, slots.long(), k, v)
+        return q, k, v
+
+    def layer_out(self, layer: int, h: Tensor, attn_out: Tensor) -> Tensor:
+        """Output projection added to ``h`` in place, then the MLP block; returns the MLP's
+        output, the residual the next ``layer_in`` (or ``final_logits``) adds."""
+        w = self._w[layer]
+        x = self.add_norm(w["ln2"], h, F.linear(attn_out, w["o"], w["o_b"]))
+        gu = F.linear(x, w["gate_up"])
+        if self.ops.name == "triton":
+            m = self.ops.silu_mul(gu)
+        else:
+            ni = w["inter"]
+            m = F.silu(gu[:, :ni]) * gu[:, ni:]
+        return F.linear(m, w["down"])
+
+    def final_hidden(self, h: Tensor, resid: Tensor | None) -> Tensor:
+        """The last residual add and the final norm (rows given by the caller)."""
+        return self.add_norm(self.norm, h, resid)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                causal: bool = False) -> Tensor:
@@ -265,13 +350,13 @@ class Engine:
             )
         return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
-    def finish_layer(self, layer: int, h: Tensor, attn_out: Tensor) -> Tensor:
-        """Output projection + residual + MLP block + residual."""
-        w = self._w[layer]
-        h = h + F.linear(attn_out, w["o"], w["o_b"])
-        gu = F.linear(self._rms(w["ln2"], h), w["gate_up"])
-        ni = w["inter"]
-        return h + F.linear(F.silu(gu[:, :ni]) * gu[:, ni:], w["down"])
+    def attend_grouped(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                       group: "ContextGroup") -> Tensor:
+        """APE attention (see ``ContextGroup``) → [Tq, Hq*D]. Explicit: it serves the few
+        query and answer tokens that follow parallel-encoded contexts."""
+        out = grouped_attention_ref(q, k, v, q_pos, k_pos, self.scaling, group.start, group.end,
+                                    group.temperature, math.log(group.scale))
+        return out.transpose(0, 1).reshape(q.shape[1], -1)
 
     def logits(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm(h)).float()
@@ -292,13 +377,6 @@ class Engine:
                 mask[:, -n_new:] &= own
         return mask
 
-    @staticmethod
-    def bias_mask(mask: Tensor, key_bias: Tensor, dtype: torch.dtype) -> Tensor:
-        """Boolean mask [Tq, Tk] + per-key additive bias [Tk] → float mask for SDPA."""
-        neg = torch.finfo(torch.float32).min
-        return torch.where(mask, key_bias[None, :], torch.full_like(key_bias[None, :], neg)).to(
-            dtype)
-
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(
@@ -308,16 +386,16 @@ class Engine:
         kv: KVCache | None = None,
         *,
         mask: Tensor | None = None,
-        key_bias: Tensor | None = None,
+        context_group: "ContextGroup | None" = None,
         logits: str = "last",
         return_hidden: bool = False,
     ) -> PrefillOutput:
         """Encode ``token_ids`` at ``positions`` attending to ``kv`` (if any) and to themselves.
 
         Default positions continue after ``kv`` (or start at 0). The default mask is causal by
-        position; pass ``mask`` [T, len(kv)+T] to override (APE, parallel encoding).
-        ``key_bias`` [len(kv)+T] is added to every query's attention logit of that key (APE's
-        scaling factor on the context part, as log S).
+        position; pass ``mask`` [T, len(kv)+T] to override (parallel encoding).
+        ``context_group`` marks keys of ``kv`` as APE's parallel contexts (temperature and
+        scale on their share of attention).
         Returns the K/V of the new tokens only; ``logits`` is "last", "all" or "none".
         """
         if logits not in ("last", "all", "none"):
@@ -340,45 +418,50 @@ class Engine:
             if mask.shape != (t, past + t):
                 raise KVMismatchError(f"mask must be [{t}, {past + t}], got {tuple(mask.shape)}")
         k_pos = torch.cat([kv.positions.to(self.device), pos]) if past else pos
-        if key_bias is not None:
-            key_bias = key_bias.to(self.device, torch.float32).reshape(-1)
-            if key_bias.numel() != past + t:
-                raise KVMismatchError(f"key_bias must have {past + t} entries")
+        if context_group is not None and (user_mask or not past):
+            raise InvalidInputError("a context group needs past K/V and the default mask")
         # the position-causal case runs on the gathered-query kernel (no mask, no K/V repeat)
         plan = None
-        if self.ops.name == "triton" and not user_mask and (past or not contiguous) and (
-                t == 1 or bool(torch.all(pos[1:] > pos[:-1]))):
+        if context_group is None and self.ops.name == "triton" and not user_mask and (
+                past or not contiguous) and (t == 1 or bool(torch.all(pos[1:] > pos[:-1]))):
             plan = self.ops.plan(pos, k_pos, self.spec.head_dim, None,
                                  self.spec.num_heads // self.spec.num_kv_heads)
-        elif not user_mask and (past or not contiguous or key_bias is not None):
+        elif context_group is None and not user_mask and (past or not contiguous):
             mask = self.position_mask(pos, k_pos, t)
-        if key_bias is not None and plan is None:
-            mask = self.bias_mask(mask, key_bias, self.dtype)
         s = self.spec
         out_k = torch.empty(s.num_layers, s.num_kv_heads, t, s.head_dim, dtype=self.dtype,
                             device=self.device)
         out_v = torch.empty_like(out_k)
+        pos32 = pos.to(torch.int32)
         with self.lock:
             h = self.embed(ids)
+            resid = None
             for i in range(s.num_layers):
-                q, k, v = self.qkv(i, h, pos)
-                out_k[i], out_v[i] = k, v
+                qkv = self.layer_in(i, h, resid)
+                q, k, v = self.rope_rows(qkv, pos, pos32, out_k[i], out_v[i])
                 if past:
-                    k = torch.cat([kv.k[i], k], dim=1)
-                    v = torch.cat([kv.v[i], v], dim=1)
-                if plan is not None:
+                    k = torch.cat([kv.k[i], out_k[i]], dim=1)
+                    v = torch.cat([kv.v[i], out_v[i]], dim=1)
+                else:
+                    k, v = out_k[i], out_v[i]
+                if context_group is not None:
+                    a = self.attend_grouped(q, k, v, pos, k_pos, context_group)
+                elif plan is not None:
                     a = self.ops.selective_attention(q, k, v, pos, k_pos, self.scaling,
-                                                     key_bias, plan=plan)
+                                                     plan=plan)
                     a = a.transpose(0, 1).reshape(t, -1)
                 else:
                     a = self.attend(q, k, v, mask=mask, causal=mask is None)
-                h = self.finish_layer(i, h, a)
-            hn = self.norm(h)
+                resid = self.layer_out(i, h, a)
             lg = None
-            if logits == "all":
-                lg = self.lm_head(hn).float()
-            elif logits == "last":
-                lg = self.lm_head(hn[-1:]).float()
+            if logits == "all" or return_hidden:
+                hn = self.final_hidden(h, resid)
+                lg = self.lm_head(hn).float() if logits == "all" else (
+                    self.lm_head(hn[-1:]).float() if logits == "last" else None)
+            else:
+                hn = None
+                if logits == "last":
+                    lg = self.lm_head(self.final_hidden(h[-1:], resid[-1:])).float()
         return PrefillOutput(KVCache(out_k, out_v, pos), lg, hn if return_hidden else None)
 
     # ------------------------------------------------------------------ text helpers

@@ -1,32 +1,37 @@
-"""``ape`` — Adaptive Parallel Encoding.
+"""``ape`` — Adaptive Parallel Encoding (Yang, Chen & Chen, ICLR 2025).
 
 Contexts are encoded *in parallel*: each chunk right after one shared prefix (the system prompt),
 all starting at the same position, so a chunk's cache is valid wherever it is used after that
 prefix (it is keyed by chunk + prefix). The query comes after the longest chunk. Parallel
-encoding skews the query's attention (several chunks now claim the same positions and each has
-its own "first token" sink), and APE corrects the distribution on the context part with:
+encoding skews the query's attention (several chunks now claim the same positions), and APE
+corrects it on the context part, for the query and every generated token:
 
-* an attention **temperature** ``T``: context logits are divided by T (implemented exactly by
-  scaling the context keys by 1/T once, so the decode loop needs no special kernel), and
-* a **scaling factor** ``S`` on the context part's attention weight (implemented as the additive
-  bias log S on context keys, kept for the whole decode).
+* an attention **temperature** ``T`` sharpens the distribution *within* the contexts: their
+  logits are divided by T;
+* the contexts' share of the softmax is computed as one term whose log-sum-exp is
+  ``T · LSE(logits / T) + log S`` beside the ordinary term of the other keys (prefix, query,
+  answer). Multiplying the LSE by T brings the sharpened term back to the magnitude of the
+  original logits; the **scaling factor** ``S`` then weighs it. This is how the paper's
+  reference implementation combines the parts (``ContextGroup``); adding ``log S`` to the
+  sharpened logits alone, without the ``T ·`` on the LSE, inflates the contexts' share by
+  ``exp((1/T − 1)·LSE)`` and drowns the attention sink.
 
-Defaults T = 0.9 and S = 0.9 are in the range the APE paper reports; both are configurable, and
-``benchmarks/fidelity.py --ape-grid`` measures the choice on real data.
+Defaults T = 0.9 and S = 0.9; ``benchmarks/fidelity.py --ape-grid`` measures other choices.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ctxcache.engine.flops import prefill_flops
-from ctxcache.engine.kvcache import KVCache
+from ctxcache.engine.runner import ContextGroup, upload
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import chunk_kv, full_flops
+from ctxcache.fusion.chunks import Source, assemble, chunk_kv, full_flops
+from ctxcache.fusion.selective import SelectivePlan, selective_prefill
 from ctxcache.kv.keys import chunk_key
 
 
@@ -57,13 +62,15 @@ class APE(FusionStrategy):
         contexts = pieces[n_prefix:q_start]
         query_ids = [t for p in pieces[q_start:] for t in p.token_ids]
         s = len(prefix_ids)
-        with timer("load"):
+        sources: list[Source] = []
+        positions = [np.arange(s)]
+        built = 0
+        with timer("lookup"):
             prefix_kv, prefix_key = None, None
             if prefix_ids:
                 prefix_key, prefix_kv = chunk_kv(ctx, prefix_ids, stats)
-            parts = [prefix_kv] if prefix_kv is not None else []
-            ctx_len = 0
-            built = 0
+                sources.append(Source(0, s, prefix_kv, 0))
+            at, ctx_len = s, 0
             for p in contexts:
                 cacheable = p.role == "chunk"
                 before = stats.chunk_misses
@@ -72,21 +79,24 @@ class APE(FusionStrategy):
                 if not cacheable:  # glue text between contexts: encoded now, never stored
                     stats.chunk_misses = before
                     built += len(p.token_ids)
-                parts.append(kv)
-                ctx_len = max(ctx_len, len(p.token_ids))
-            kv = KVCache.cat([x.to(engine.device) for x in parts]) if parts else None
-        n_ctx_tokens = sum(len(p.token_ids) for p in contexts)
-        if kv is not None and n_ctx_tokens:
-            k = kv.k.clone()
-            k[:, :, s:] = (k[:, :, s:].float() / self.temperature).to(k.dtype)
-            kv = KVCache(k, kv.v, kv.positions)
-        past = kv.num_tokens if kv is not None else 0
-        bias = torch.zeros(past + len(query_ids), device=engine.device)
-        bias[s:past] = math.log(self.scale)
-        q_pos = torch.arange(s + ctx_len, s + ctx_len + len(query_ids), device=engine.device)
+                n = len(p.token_ids)
+                sources.append(Source(at, at + n, kv, 0))  # already at positions s..s+n-1
+                positions.append(np.arange(s, s + n))
+                at += n
+                ctx_len = max(ctx_len, n)
+        past = at
+        q_first = s + ctx_len
+        positions.append(np.arange(q_first, q_first + len(query_ids)))
+        n_all = past + len(query_ids)
+        group = ContextGroup(s, past, self.temperature, self.scale)
+        with timer("assembly"):
+            pos = upload(np.concatenate(positions), torch.long, engine.device)
+            asm = assemble(ctx, n_all, sources, positions=pos)
+        rows = np.arange(past, n_all)
         with timer("prefill"):
-            out = engine.prefill(query_ids, positions=q_pos, kv=kv, key_bias=bias)
-        full_kv = KVCache.cat([kv, out.kv]) if kv is not None else out.kv
+            out = selective_prefill(engine, ids, asm.kv,
+                                    SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
+                                    asm.ready, context_group=group if contexts else None)
         n, L = len(ids), engine.spec.num_layers
         stats.prompt_tokens = n
         stats.reused_tokens = n - len(query_ids) - built
@@ -96,8 +106,9 @@ class APE(FusionStrategy):
         stats.flops = prefill_flops(engine.spec, len(query_ids), past) + sum(
             prefill_flops(engine.spec, len(p.token_ids), s) for p in contexts if p.role != "chunk")
         stats.full_flops = full_flops(ctx, n)
-        stats.extra["query_start_position"] = s + ctx_len
-        return FusionResult(full_kv, out.logits[-1], stats, key_bias=bias, token_ids=ids)
+        stats.extra["query_start_position"] = q_first
+        return FusionResult(out.kv, out.logits, stats, context_group=group if contexts else None,
+                            token_ids=ids, storage=asm.storage)
 
     @staticmethod
     def chunk_key_after(ctx: FusionContext, prefix_ids: list[int], ids: list[int]) -> str:

@@ -8,20 +8,22 @@ at layer 1 compare fresh vs cached K/V of every chunk token and keep the top ``r
 (question) tokens are always computed. See ``selective.py`` for the layer loop.
 
 The first layers' cost is paid in full here (selection from live deviations), so the compute
-floor is ≈ 2/L + r of full prefill; loading of chunk k+1 overlaps with work on chunk k through the
-store's prefetch when chunk caches live below the GPU tier.
+floor is ≈ 1/L + r of full prefill. Chunk caches in host memory are read layer by layer on a
+side stream while the first layers compute (``chunks.assemble``).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
+import numpy as np
 
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment
-from ctxcache.fusion.chunks import assemble, full_flops
-from ctxcache.fusion.selective import ratio_schedule, selective_prefill, top_fraction
+from ctxcache.fusion.chunks import Piece, assemble, full_flops, lookup
+from ctxcache.fusion.selective import (
+    Selection, SelectiveOutput, SelectivePlan, keep_count, ratio_schedule, selective_prefill,
+)
 
 
 class CacheBlend(FusionStrategy):
@@ -42,36 +44,38 @@ class CacheBlend(FusionStrategy):
         return {"name": self.name, "recompute_ratio": self.r, "select_from": self.select_from,
                 "widen": self.widen, "narrow_layers": self.narrow_layers}
 
-    def select_layers(self, num_layers: int) -> set[int]:
+    def select_layers(self, num_layers: int) -> list[int]:
         last = min(self.select_from + self.narrow_layers, num_layers)
-        return set(range(min(self.select_from, num_layers - 1), last))
+        return list(range(min(self.select_from, num_layers - 1), last))
+
+    def plan(self, pieces: Sequence[Piece], cached: np.ndarray, num_layers: int
+             ) -> SelectivePlan:
+        rows = np.nonzero(~exact_prefix(pieces, cached.size))[0]
+        must = ~cached[rows]
+        n_must = int(must.sum())
+        n_cand = rows.size - n_must
+        sels = [Selection(layer, n_must + keep_count(
+            ratio_schedule(self.r, layer, self.select_from, self.widen, self.narrow_layers),
+            n_cand)) for layer in self.select_layers(num_layers)]
+        return SelectivePlan(rows, must, sels)
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         engine = ctx.engine
         stats, timer, pieces, ids = self.start(ctx, segments, recompute_ratio=self.r)
-        with timer("load"):
-            asm = assemble(ctx, pieces, stats)
-        kv, cached = asm.kv, asm.cached
-        exact = _exact_prefix(pieces, cached)
-        n_cand = int((cached & ~exact).sum())
-
-        def selector(layer, active, dev):
-            must = torch.isinf(dev)
-            frac = ratio_schedule(self.r, layer, self.select_from, self.widen, self.narrow_layers)
-            return top_fraction(dev, must, frac, n_cand)
-
-        with timer("recompute"):
-            out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
-                                    exact, selector, self.select_layers(engine.spec.num_layers),
-                                    inplace=True,
-                                    ready=asm.ready)
-        fill_stats(stats, ctx, ids, cached, out)
-        return FusionResult(out.kv, out.logits, stats, token_ids=ids)
+        with timer("lookup"):
+            _, sources = lookup(ctx, pieces, stats)
+        with timer("assembly"):
+            asm = assemble(ctx, len(ids), sources)
+        plan = self.plan(pieces, asm.cached, engine.spec.num_layers)
+        with timer("layers"):
+            out = selective_prefill(engine, ids, asm.kv, plan, asm.ready)
+        fill_stats(stats, ctx, ids, asm.cached, plan, out)
+        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=asm.storage)
 
 
-def _exact_prefix(pieces, cached: torch.Tensor) -> torch.Tensor:
+def exact_prefix(pieces: Sequence[Piece], n: int) -> np.ndarray:
     """Leading ``prefix`` pieces are cached at their own positions: exact, never recomputed."""
-    exact = torch.zeros_like(cached)
+    exact = np.zeros(n, dtype=bool)
     for p in pieces:
         if p.role != "prefix":
             break
@@ -79,11 +83,15 @@ def _exact_prefix(pieces, cached: torch.Tensor) -> torch.Tensor:
     return exact
 
 
-def fill_stats(stats: FusionStats, ctx: FusionContext, ids, cached, out) -> None:
+def fill_stats(stats: FusionStats, ctx: FusionContext, ids, cached: np.ndarray,
+               plan: SelectivePlan, out: SelectiveOutput) -> None:
+    """Counts known on the host: rows without a cache are never dropped, so the cached rows
+    recomputed to the end are the final rows minus those."""
     n, L = len(ids), ctx.engine.spec.num_layers
+    final = out.recomputed.numel()
     stats.prompt_tokens = n
-    stats.recomputed_tokens = out.recomputed.numel()
-    stats.reused_tokens = int(cached.sum()) - int(cached[out.recomputed].sum())
+    stats.recomputed_tokens = final
+    stats.reused_tokens = int(cached.sum()) - (final - int(plan.must.sum()))
     stats.computed_token_layers = out.computed_token_layers
     stats.total_token_layers = n * L
     stats.flops = out.flops

@@ -26,20 +26,21 @@ after a restart — an approximation of the paper's persisted chunk metadata.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import xxhash
 
 from ctxcache.engine.flops import prefill_flops
-from ctxcache.engine.kvcache import KVCache
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.cacheblend import _exact_prefix, fill_stats
-from ctxcache.fusion.chunks import Piece, assemble, load_chunk
-from ctxcache.fusion.selective import ratio_schedule, selective_prefill
+from ctxcache.fusion.cacheblend import exact_prefix, fill_stats
+from ctxcache.fusion.chunks import Piece, assemble, load_chunk, lookup
+from ctxcache.fusion.selective import (
+    Selection, SelectivePlan, keep_count, ratio_schedule, selective_prefill,
+)
 from ctxcache.kv.keys import chunk_key
 
 
@@ -115,7 +116,7 @@ class CacheCraft(FusionStrategy):
             if p.role == "chunk":
                 variant_prefix[p.start] = "ctx:" + context.hexdigest()
             context.update(p.key.encode() if p.key else
-                           b"text:" + torch.tensor(p.token_ids).numpy().tobytes())
+                           b"text:" + np.asarray(p.token_ids, dtype=np.int64).tobytes())
         variant_hits: set[int] = set()
 
         def loader(c, p, prefix, st):
@@ -128,81 +129,89 @@ class CacheCraft(FusionStrategy):
                 return ventry.kv
             return load_chunk(c, p, prefix, st)
 
-        with timer("load"):
-            asm = assemble(ctx, pieces, stats, loader)
-        kv, cached = asm.kv, asm.cached
-        variant_used = len(variant_hits)
-        exact = _exact_prefix(pieces, cached)
-        # per-token chunk index (−1: not a chunk) and per-chunk budgets
-        owner = torch.full((len(ids),), -1, dtype=torch.long, device=engine.device)
-        for ci, p in enumerate(chunk_pieces):
-            owner[p.start:p.end] = ci
+        with timer("lookup"):
+            _, sources = lookup(ctx, pieces, stats, loader)
+        with timer("assembly"):
+            asm = assemble(ctx, len(ids), sources)
         budgets = self.budgets([p.key for p in chunk_pieces])
         for ci, p in enumerate(chunk_pieces):  # a variant for this context needs no more repair
             if p.start in variant_hits:
                 budgets[ci] = 0.0
-        sizes = [len(p.token_ids) for p in chunk_pieces]
-        pre = self.preselect and chunk_pieces and all(
+        pre = self.preselect and bool(chunk_pieces) and all(
             p.key in self.token_scores or p.start in variant_hits for p in chunk_pieces)
-        if pre:  # stored per-token scores stand in for the live deviation
-            stored = torch.zeros(len(ids), device=engine.device)
-            for p in chunk_pieces:
-                if p.key in self.token_scores:
-                    stored[p.start:p.end] = self.token_scores[p.key].to(engine.device)
-
-        def selector(layer, active, dev):
-            if pre:
-                dev = torch.where(torch.isinf(dev), dev, stored[active])
-            keep = torch.isinf(dev).clone()
-            for ci, r in enumerate(budgets):
-                frac = r if pre else ratio_schedule(r, layer, 1, self.widen,
-                                                    self.narrow_layers)
-                k = int(math.ceil(frac * sizes[ci] - 1e-9))
-                idx = torch.nonzero(owner[active] == ci).flatten()
-                k = min(k, idx.numel())
-                if k > 0:
-                    top = torch.topk(dev[idx], k).indices
-                    keep[idx[top]] = True
-            return keep
-
         L = engine.spec.num_layers
         # measuring impact needs explicit attention probabilities (costly): only while some
         # chunk of the prompt has been seen fewer than `probe_uses` times
         probing = any(self.table.get(p.key) is None or self.table[p.key].uses < self.probe_uses
                       for p in chunk_pieces)
-        with timer("recompute"):
-            out = selective_prefill(engine, torch.tensor(ids, device=engine.device), kv, cached,
-                                    exact, selector,
-                                    {0} if pre else set(range(1, min(1 + self.narrow_layers, L))),
-                                    probe_layer=L // 2 if probing else None, inplace=True,
-                                    ready=asm.ready)
+        plan, kept = self._plan(pieces, chunk_pieces, asm.cached, budgets, pre, L)
+        if probing:
+            plan.probe_layer = L // 2
+        with timer("layers"):
+            out = selective_prefill(engine, ids, asm.kv, plan, asm.ready)
         with timer("learn"):
-            self._learn(out, owner, chunk_pieces, ids)
+            self._learn(out, chunk_pieces)
             if not pre and out.deviations and 1 in out.deviations:
-                idx, dev = out.deviations[1]
-                for ci, p in enumerate(chunk_pieces):
-                    sel = (owner[idx] == ci)
+                slots, dev = out.deviations[1]
+                slots, dev = slots.cpu().numpy(), dev.float().cpu()
+                for p in chunk_pieces:
+                    sel = (slots >= p.start) & (slots < p.end)
                     if int(sel.sum()) == len(p.token_ids):
-                        self.token_scores[p.key] = dev[sel].float().cpu()
-            recomputed_share = self._store_variants(ctx, out, chunk_pieces, owner,
-                                                    variant_prefix, budgets)
+                        self.token_scores[p.key] = dev[torch.from_numpy(sel)]
+            shares = [round(k / max(len(p.token_ids), 1), 4) for k, p in zip(kept, chunk_pieces)]
+            self._store_variants(ctx, out, chunk_pieces, variant_prefix, budgets, shares)
             for ci, p in enumerate(chunk_pieces):
                 saved = prefill_flops(engine.spec, len(p.token_ids)) * (1 - budgets[ci])
                 store.reuse_hint(p.key, ctx.namespace, saved)
-        fill_stats(stats, ctx, ids, cached, out)
+        fill_stats(stats, ctx, ids, asm.cached, plan, out)
         stats.extra.update({"chunk_budgets": [round(b, 4) for b in budgets],
                             "preselected": bool(pre),
-                            "variants_used": variant_used,
-                            "recomputed_share": recomputed_share})
-        return FusionResult(out.kv, out.logits, stats, token_ids=ids)
+                            "variants_used": len(variant_hits),
+                            "recomputed_share": shares})
+        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=asm.storage)
 
-    def _learn(self, out, owner, chunk_pieces: list[Piece], ids) -> None:
+    def _plan(self, pieces, chunk_pieces, cached: np.ndarray, budgets, pre: bool, L: int
+              ) -> tuple[SelectivePlan, list[int]]:
+        """Rows, selections and the number of tokens of each chunk recomputed to the end.
+
+        Preselected: each chunk's top tokens by stored score are chosen on the host and only
+        they (plus the text) run, from layer 0. Otherwise every non-prefix token runs layer 0
+        and per-chunk top-k selections by live deviation follow at layers 1…"""
+        n = cached.size
+        exact = exact_prefix(pieces, n)
+        sizes = [len(p.token_ids) for p in chunk_pieces]
+        if pre:
+            pick = [np.nonzero(~cached & ~exact)[0]]
+            kept = []
+            for p, r in zip(chunk_pieces, budgets):
+                k = keep_count(r, len(p.token_ids))
+                kept.append(k)
+                if k and p.key in self.token_scores:
+                    top = torch.topk(self.token_scores[p.key].float(), k).indices.numpy()
+                    pick.append(p.start + top)
+                elif k:
+                    pick.append(np.arange(p.start, p.start + k))
+            rows = np.unique(np.concatenate(pick))
+            return SelectivePlan(rows, np.ones(rows.size, dtype=bool)), kept
+        rows = np.nonzero(~exact)[0]
+        must = ~cached[rows]
+        groups = np.full(rows.size, -1, dtype=np.int64)
+        for ci, p in enumerate(chunk_pieces):
+            groups[(rows >= p.start) & (rows < p.end)] = ci
+        sels, kept = [], sizes
+        for layer in range(1, min(1 + self.narrow_layers, L)):
+            kept = [keep_count(ratio_schedule(r, layer, 1, self.widen, self.narrow_layers), sz)
+                    for r, sz in zip(budgets, sizes)]
+            sels.append(Selection(layer, int(must.sum()) + sum(kept), kept))
+        return SelectivePlan(rows, must, sels, groups, record={1} if L > 1 else set()), kept
+
+    def _learn(self, out, chunk_pieces: list[Piece]) -> None:
         if out.probe_attention is None:
             return
         probs = out.probe_attention  # [n_active, N]
-        act_owner = owner[out.recomputed]
-        for ci, p in enumerate(chunk_pieces):
-            rows = torch.nonzero(act_owner == ci).flatten()
+        act = out.recomputed
+        for p in chunk_pieces:
+            rows = torch.nonzero((act >= p.start) & (act < p.end)).flatten()
             if rows.numel() == 0:
                 continue
             pr = probs[rows]
@@ -213,19 +222,13 @@ class CacheCraft(FusionStrategy):
             impact = float((outside / total.clamp_min(1e-9)).mean())
             self._update(p.key, impact)
 
-    def _store_variants(self, ctx, out, chunk_pieces, owner, variant_prefix, budgets) -> list:
+    def _store_variants(self, ctx, out, chunk_pieces, variant_prefix, budgets, shares) -> None:
         """Keep the repaired K/V of heavily recomputed chunks as context-specific variants."""
-        shares = []
-        rec_owner = owner[out.recomputed]
         for ci, p in enumerate(chunk_pieces):
-            share = float((rec_owner == ci).sum()) / max(len(p.token_ids), 1)
-            shares.append(round(share, 4))
-            if share >= self.variant_above and budgets[ci] > 0:
-                vkv = out.kv.slice(p.start, p.end)
-                vkv = KVCache(vkv.k.contiguous(), vkv.v.contiguous(), vkv.positions.clone())
-                ctx.store.put(vkv, p.token_ids, model=ctx.engine.fingerprint,
-                              namespace=ctx.namespace, prefix_key=variant_prefix[p.start],
-                              recompute_cost=prefill_flops(ctx.engine.spec, len(p.token_ids),
-                                                           p.start),
-                              extra={"variant_of": p.key})
-        return shares
+            if shares[ci] >= self.variant_above and budgets[ci] > 0:
+                ctx.store.put_later(out.kv.slice(p.start, p.end), p.token_ids,
+                                    model=ctx.engine.fingerprint, namespace=ctx.namespace,
+                                    prefix_key=variant_prefix[p.start],
+                                    recompute_cost=prefill_flops(ctx.engine.spec,
+                                                                 len(p.token_ids), p.start),
+                                    extra={"variant_of": p.key})

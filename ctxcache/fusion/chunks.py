@@ -1,7 +1,10 @@
 """Turning segments into a positioned layout backed by chunk caches.
 
 Shared by every reuse strategy: validation of the segment list, lookup (or on-the-fly build and
-store) of each chunk's cache, and re-positioning of cached keys with RoPE.
+store) of each chunk's cache, and assembly of the prompt's K/V with cached keys re-positioned.
+
+Everything here that decides *what* to do runs on the host (token checks, keys, slot tables),
+so the device sees one upload and one assembly launch per prompt and never waits in between.
 """
 
 from __future__ import annotations
@@ -9,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.engine.kvcache import KVCache
+from ctxcache.engine.runner import upload
 from ctxcache.errors import ChunkMismatchError, InvalidInputError, UnknownChunkError
-from ctxcache.fusion.base import FusionContext, FusionStats, Segment
+from ctxcache.fusion.types import FusionContext, FusionStats, Segment
 from ctxcache.kv.keys import chunk_key
 
 
@@ -60,13 +65,13 @@ def resolve(ctx: FusionContext, segments: Sequence[Segment]) -> list[Piece]:
                     f"chunk {seg.key} was computed by model {entry.meta.model!r}, not "
                     f"{engine.fingerprint!r}")
             ids = entry.token_ids.tolist()
-        engine.as_ids(ids)  # range check
+        ids = engine.check_ids(ids)  # host-side range check: no device round trip
         key = None
         if seg.role in ("chunk", "prefix"):
             key = chunk_key(engine.fingerprint, ids)
             if seg.key is not None and seg.key != key:
                 raise ChunkMismatchError(f"chunk key {seg.key} does not match its tokens")
-        pieces.append(Piece(seg.role, list(ids), pos, key))
+        pieces.append(Piece(seg.role, ids, pos, key))
         pos += len(ids)
     if pos + 1 > engine.spec.max_positions:
         raise InvalidInputError(f"prompt of {pos} tokens exceeds the model context")
@@ -95,8 +100,8 @@ def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
     """
     engine = ctx.engine
     key = chunk_key(engine.fingerprint, ids, prefix_key)
-    # raw entries stay where their tier keeps them (assemble copies them straight into place,
-    # layer by layer); compressed ones are decoded on the engine's device
+    # raw entries stay where their tier keeps them (assembly reads them in place); compressed
+    # ones are decoded on the engine's device
     device = None if ctx.store.codec == "raw" else engine.device
     entry = ctx.store.get(key, ctx.namespace, device=device)
     if entry is not None and entry.meta.model == engine.fingerprint:
@@ -106,6 +111,7 @@ def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
     stats.chunk_misses += 1
     out = engine.prefill(ids, kv=prefix, logits="none")
     n_past = prefix.num_tokens if prefix is not None else 0
+    out.kv.first_position = n_past
     cost = prefill_flops(engine.spec, len(ids), n_past)
     stats.extra["build_flops"] = stats.extra.get("build_flops", 0.0) + cost
     if store_new:  # write-behind: the request does not wait for the store
@@ -159,74 +165,172 @@ Loader = Callable[[FusionContext, Piece, PrefixState, FusionStats], KVCache]
 
 
 @dataclass
+class Source:
+    """A cached span placed in the prompt: tokens [start, end) come from ``kv`` (its tokens
+    ``offset``…), keys rotated by ``delta`` positions."""
+
+    start: int
+    end: int
+    kv: KVCache
+    delta: int
+    offset: int = 0
+
+
+@dataclass
 class Assembled:
-    kv: KVCache  # the prompt's K/V in one fresh buffer (text slots are zeros)
-    cached: Tensor  # bool [N]: token came from a cache
+    kv: KVCache  # the prompt's K/V (a view of ``storage``), positions 0..N-1 unless placed
+    storage: KVCache  # the whole buffer, with room for the answer after the prompt
+    cached: np.ndarray  # bool [N] (host): token came from a cache
     ready: list | None = None  # per-layer CUDA events when layers still arrive asynchronously
     sources: list | None = None  # tiers' tensors kept alive until the copies complete
 
 
-def assemble(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats,
-             loader: Loader = load_chunk) -> Assembled:
-    """The prompt's K/V in one fresh buffer: the prefix, cached chunks moved to their place,
-    zeros for text.
-
-    Each chunk is copied straight from its tier into its slot, then RoPE-shifted in place. When
-    chunks live in host memory and the engine is on CUDA, the copies run layer by layer on a
-    side stream with one event per layer, so the layer loop starts computing layer 0 while the
-    later layers are still on their way (loading overlapped with recompute).
-    """
-    engine = ctx.engine
-    s = engine.spec
-    n = pieces[-1].end
-    K = torch.zeros(s.num_layers, s.num_kv_heads, n, s.head_dim, dtype=engine.dtype,
-                    device=engine.device)
-    V = torch.zeros_like(K)
-    delta = torch.zeros(n, dtype=torch.int32)
-    cached = torch.zeros(n, dtype=torch.bool)
+def lookup(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats,
+           loader: Loader = load_chunk) -> tuple[PrefixState, list[Source]]:
+    """Every cached span of the prompt (prefix, then chunks) with the shift that places it."""
     prefix = load_prefix(ctx, pieces, stats)
-    sources: list[tuple[int, int, KVCache]] = []
+    sources: list[Source] = []
     if prefix.kv is not None:
-        sources.append((0, prefix.length, prefix.kv))
-        cached[: prefix.length] = True
+        sources.append(Source(0, prefix.length, prefix.kv, 0))
     for p in pieces:
         if p.role != "chunk":
             continue
         kv = loader(ctx, p, prefix, stats)
-        sources.append((p.start, p.end, kv))
-        delta[p.start:p.end] = p.start - int(kv.positions[0])
-        cached[p.start:p.end] = True
-    shifted = bool(delta.any())
+        sources.append(Source(p.start, p.end, kv, p.start - _first_position(kv)))
+    return prefix, sources
+
+
+def _first_position(kv: KVCache) -> int:
+    """Where a cached chunk starts (a host int: no device read when the tier keeps it)."""
+    first = getattr(kv, "first_position", None)
+    if first is None:
+        first = int(kv.positions[0])
+        kv.first_position = first
+    return first
+
+
+def _on_device(t: Tensor, device: torch.device) -> bool:
+    return t.device == device or (t.device.type == device.type and device.type != "cuda")
+
+
+def assemble(ctx: FusionContext, n: int, sources: Sequence[Source],
+             positions: Tensor | None = None) -> Assembled:
+    """The prompt's K/V in one buffer with ``ctx.reserve_tokens`` of room after it: cached
+    spans copied into their slots with keys re-rotated, other slots left for the computation.
+
+    With the Triton ops this is one kernel launch for all spans and layers (spans are read in
+    place through per-span offsets). Spans in host memory are read layer by layer on a side
+    stream with one event per layer, so the layer loop starts on layer 0 while the later
+    layers are still on their way (loading overlapped with recompute).
+    """
+    engine = ctx.engine
+    s = engine.spec
+    dev = engine.device
+    cap = n + max(0, int(ctx.reserve_tokens))
+    K = torch.empty(s.num_layers, s.num_kv_heads, cap, s.head_dim, dtype=engine.dtype,
+                    device=dev)
+    V = torch.empty_like(K)
+    cached = np.zeros(n, dtype=bool)
+    for src in sources:
+        cached[src.start:src.end] = True
+    pos = positions if positions is not None else torch.arange(n, device=dev)
+    storage = KVCache(K, V, torch.arange(cap, device=dev))
+    ready = None
+    if engine.ops.assemble_kv is not None:
+        ready = _assemble_triton(engine, K, V, n, sources)
+    else:
+        _assemble_torch(engine, K, V, n, sources)
+    return Assembled(KVCache(K[:, :, :n], V[:, :, :n], pos), storage, cached, ready,
+                     [src.kv for src in sources])
+
+
+def _assemble_torch(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Source]) -> None:
     inv = engine.rope.inv_freq_on(engine.device)
-    delta_dev = delta.to(engine.device)
-    pos = torch.arange(n, device=engine.device)
-    remote = [src for src in sources if src[2].k.device != K.device]
-    if K.device.type == "cuda" and remote:
-        cur = torch.cuda.current_stream()
-        side = getattr(engine, "_copy_stream", None)
-        if side is None:
-            side = engine._copy_stream = torch.cuda.Stream(device=K.device)
-        side.wait_stream(cur)  # buffers and deltas were made on the compute stream
-        ready = []
-        with torch.cuda.stream(side):
-            for layer in range(s.num_layers):
-                for a, b, kv in sources:
-                    K[layer, :, a:b].copy_(kv.k[layer], non_blocking=True)
-                    V[layer, :, a:b].copy_(kv.v[layer], non_blocking=True)
-                if shifted:
-                    engine.ops.rope_shift(K[layer], delta_dev, inv)
-                ev = torch.cuda.Event()
-                ev.record(side)
-                ready.append(ev)
-        K.record_stream(side)
-        V.record_stream(side)
-        return Assembled(KVCache(K, V, pos), cached.to(engine.device), ready, sources)
-    for a, b, kv in sources:
-        K[:, :, a:b].copy_(kv.k, non_blocking=True)
-        V[:, :, a:b].copy_(kv.v, non_blocking=True)
-    if shifted:
-        engine.ops.rope_shift(K, delta_dev, inv)
-    return Assembled(KVCache(K, V, pos), cached.to(engine.device))
+    K[:, :, :n].zero_()
+    V[:, :, :n].zero_()
+    for src in sources:
+        b = src.offset + src.end - src.start
+        K[:, :, src.start:src.end].copy_(src.kv.k[:, :, src.offset:b])
+        V[:, :, src.start:src.end].copy_(src.kv.v[:, :, src.offset:b])
+        if src.delta:
+            engine.ops.rope_shift(K[:, :, src.start:src.end],
+                                  torch.full((src.end - src.start,), src.delta,
+                                             device=engine.device), inv)
+
+
+def _assemble_triton(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Source]):
+    from ctxcache.kernels.triton_ops import source_offsets
+
+    dev = engine.device
+    pairs, host = [], False
+    for src in sources:
+        k, v = src.kv.k, src.kv.v
+        if not (k.is_contiguous() and v.is_contiguous()):
+            k, v = k.contiguous(), v.contiguous()
+        if not _on_device(k, dev):
+            if dev.type == "cuda" and k.is_pinned() and v.is_pinned() and zero_copy_ok(dev):
+                host = True  # read in place over the bus (same address on both sides)
+            else:
+                k, v = k.to(dev, non_blocking=True), v.to(dev, non_blocking=True)
+        pairs.append((k, v))
+    ok, ov, ln = source_offsets(K, V, pairs) if pairs else ([], [], [])
+    slot_src = np.full(n, -1, dtype=np.int64)
+    slot_tok = np.zeros(n, dtype=np.int64)
+    delta = np.zeros(n, dtype=np.int64)
+    for i, src in enumerate(sources):
+        slot_src[src.start:src.end] = i
+        slot_tok[src.start:src.end] = np.arange(src.offset, src.offset + src.end - src.start)
+        delta[src.start:src.end] = src.delta
+    tables = upload(np.concatenate([np.asarray(ok + ov + ln, dtype=np.int64), slot_src,
+                                    slot_tok, delta]), torch.int64, dev)
+    inv = engine.rope.inv_freq_on(dev)
+    shift = bool(delta.any())
+    L = engine.spec.num_layers
+    if not host:
+        engine.ops.assemble_kv(K, V, tables, n, inv, shift)
+        return None
+    cur = torch.cuda.current_stream(dev)
+    side = getattr(engine, "_copy_stream", None)
+    if side is None:
+        side = engine._copy_stream = torch.cuda.Stream(device=dev)
+    side.wait_stream(cur)  # the buffers and tables were made on the compute stream
+    ready = []
+    with torch.cuda.stream(side):
+        for layer in range(L):
+            engine.ops.assemble_kv(K, V, tables, n, inv, shift, layers=(layer, 1))
+            ev = torch.cuda.Event()
+            ev.record(side)
+            ready.append(ev)
+    K.record_stream(side)
+    V.record_stream(side)
+    tables.record_stream(side)
+    return ready
+
+
+_ZERO_COPY: dict[str, bool] = {}
+
+
+def zero_copy_ok(device: torch.device) -> bool:
+    """Whether kernels on ``device`` read page-locked host memory at its host address (unified
+    addressing); checked once per device with a tiny assembly compared against a copy."""
+    key = str(device)
+    if key not in _ZERO_COPY:
+        try:
+            from ctxcache.kernels.triton_ops import assemble_kv, source_offsets
+
+            src_k = torch.randn(1, 1, 4, 8).to(torch.float16).pin_memory()
+            src_v = torch.randn(1, 1, 4, 8).to(torch.float16).pin_memory()
+            K = torch.zeros(1, 1, 4, 8, dtype=torch.float16, device=device)
+            V = torch.zeros_like(K)
+            ok, ov, ln = source_offsets(K, V, [(src_k, src_v)])
+            tables = torch.tensor(ok + ov + ln + [0] * 4 + list(range(4)) + [0] * 4,
+                                  dtype=torch.int64, device=device)
+            assemble_kv(K, V, tables, 4, torch.ones(4, device=device), False)
+            torch.cuda.synchronize(device)
+            _ZERO_COPY[key] = bool(torch.equal(K.cpu(), src_k) and torch.equal(V.cpu(), src_v))
+        except Exception:  # noqa: BLE001 - any failure means: copy first, then assemble
+            _ZERO_COPY[key] = False
+    return _ZERO_COPY[key]
 
 
 def full_flops(ctx: FusionContext, n: int) -> float:

@@ -2,18 +2,20 @@
 
 Each segment's cache is keyed by its tokens *and the key of everything before it* (a chain, like
 a radix tree at segment granularity), so a hit is exact: the K/V was computed under the same
-prefix at the same positions. Segments after the first miss are prefilled and stored under their
-chained keys for the next request. Exact by construction: KL vs full prefill ≈ 0.
+prefix at the same positions. Segments after the first miss are computed over the hits and
+stored under their chained keys for the next request. Exact by construction: KL vs full ≈ 0.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from ctxcache.engine.flops import prefill_flops
-from ctxcache.engine.kvcache import KVCache
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import full_flops
+from ctxcache.fusion.chunks import Source, assemble, full_flops
+from ctxcache.fusion.selective import SelectivePlan, selective_prefill
 from ctxcache.kv.keys import chunk_key
 
 
@@ -28,43 +30,45 @@ class PrefixReuse(FusionStrategy):
         for p in pieces:
             prev = chunk_key(engine.fingerprint, p.token_ids, prev)
             chain.append(prev)
-        reused: list[KVCache] = []
-        with timer("load"):
+        sources: list[Source] = []
+        with timer("lookup"):
             for p, key in zip(pieces, chain):
                 if p.role == "text":
                     break
-                e = store.get(key, ctx.namespace, device=engine.device)
+                e = store.get(key, ctx.namespace)
                 if e is None or e.meta.model != engine.fingerprint:
                     break
-                reused.append(e.kv.to(engine.device, engine.dtype))
+                kv = e.kv if e.kv.k.dtype == engine.dtype else e.kv.to(dtype=engine.dtype)
+                sources.append(Source(p.start, p.end, kv, 0))
                 stats.chunk_hits += 1
-        n_hit = len(reused)
-        past = KVCache.cat(reused) if reused else None
-        n_past = past.num_tokens if past is not None else 0
-        rest = ids[n_past:]
-        with timer("prefill"):
-            out = engine.prefill(rest, kv=past)
+        n_hit = len(sources)
+        n_past = pieces[n_hit].start if n_hit < len(pieces) else len(ids)
+        with timer("assembly"):
+            asm = assemble(ctx, len(ids), sources)
+        rows = np.arange(n_past, len(ids))
+        with timer("prefill"):  # exact: every row after the hits runs through all layers
+            out = selective_prefill(engine, ids, asm.kv,
+                                    SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
+                                    asm.ready)
         # store the newly computed cacheable segments under their chained keys (write-behind:
         # off the time to first token)
         with timer("store"):
-            off = 0
             for i in range(n_hit, len(pieces)):
                 p = pieces[i]
-                n = len(p.token_ids)
                 if p.role != "text":
                     stats.chunk_misses += 1
-                    store.put_later(out.kv.slice(off, off + n), p.token_ids,
+                    store.put_later(out.kv.slice(p.start, p.end), p.token_ids,
                                     model=engine.fingerprint, namespace=ctx.namespace,
                                     prefix_key=chain[i - 1] if i else None,
-                                    recompute_cost=prefill_flops(engine.spec, n, p.start))
-                off += n
-        kv = KVCache.cat([past, out.kv]) if past is not None else out.kv
+                                    recompute_cost=prefill_flops(engine.spec, len(p.token_ids),
+                                                                 p.start))
         L = engine.spec.num_layers
+        rest = len(ids) - n_past
         stats.prompt_tokens = len(ids)
         stats.reused_tokens = n_past
-        stats.recomputed_tokens = len(rest)
-        stats.computed_token_layers = len(rest) * L
+        stats.recomputed_tokens = rest
+        stats.computed_token_layers = rest * L
         stats.total_token_layers = len(ids) * L
-        stats.flops = prefill_flops(engine.spec, len(rest), n_past)
+        stats.flops = prefill_flops(engine.spec, rest, n_past)
         stats.full_flops = full_flops(ctx, len(ids))
-        return FusionResult(kv, out.logits[-1], stats, token_ids=ids)
+        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=asm.storage)

@@ -1,32 +1,53 @@
-"""Layer-wise selective recompute over a mixed (reused + recomputed) K/V — CacheBlend's core.
+"""Layer-wise selective recompute over a mixed (reused + recomputed) K/V — CacheBlend's core,
+shared by CacheBlend, Cache-Craft and naive reuse.
 
-Start from the assembled prompt K/V (cached chunks re-positioned, placeholders for text). Layer 0
-is computed for every non-prefix token (its K/V depends only on token and position, so this
-costs one layer and gives every token a correct hidden state). From ``select_from`` on, each
-selection layer computes Q/K/V for the tokens still active, measures how far their fresh K/V is
-from the cached K/V (the deviation that cross-chunk attention causes), and keeps only the most
-deviating ones — plus every token that has no cache — for attention and MLP. Tokens that dropped
-out keep their cached K/V in the upper layers; the active ones overwrite theirs, and the queries
-of the active tokens attend over the whole mixed K/V, causal by position.
+Start from the assembled prompt K/V (cached spans re-positioned, text slots empty). The rows
+given by the plan (e.g. every non-prefix token for CacheBlend, the text only for naive reuse)
+run from layer 0. At a selection layer each row's fresh K/V is compared with the cached K/V
+(the deviation cross-chunk attention causes) and only the most deviating rows — plus every row
+that has no cache — go on; the rest keep their cached K/V in the upper layers. The remaining
+rows' queries attend over the whole mixed K/V, causal by position.
 
-With every token kept this is exactly full prefill; with none kept it is the naive reuse.
+Why a *plan*: how many rows survive each selection is fixed on the host before the loop starts
+(a global top-k, or a top-k per chunk), so every tensor in the loop has a shape known in
+advance. The loop then never reads a value back from the device — the GPU runs ahead of the
+Python that launches it — and the whole loop can be captured as a CUDA graph (``graphs.py``).
+
+With every row kept at every layer this is exactly full prefill; with none it is naive reuse.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ctxcache.engine.flops import attention_flops, linear_flops_per_token
 from ctxcache.engine.kvcache import KVCache
-from ctxcache.engine.runner import Engine
+from ctxcache.engine.runner import ContextGroup, Engine, upload
 
-# selector(layer, active global indices, deviation per active token) -> bool keep-mask
-Selector = Callable[[int, Tensor, Tensor], Tensor]
+
+@dataclass
+class Selection:
+    """After computing Q/K/V at ``layer``, keep ``keep`` rows: the must rows plus the most
+    deviating others — globally, or per chunk when ``group_keep`` gives each chunk's count."""
+
+    layer: int
+    keep: int
+    group_keep: list[int] | None = None
+
+
+@dataclass
+class SelectivePlan:
+    rows: np.ndarray  # slots computed from layer 0, ascending (int)
+    must: np.ndarray  # bool per row: never dropped (tokens without a cache)
+    selections: list[Selection] = field(default_factory=list)
+    groups: np.ndarray | None = None  # chunk index per row (−1 outside chunks)
+    record: set[int] = field(default_factory=set)  # layers whose deviations are returned
+    probe_layer: int | None = None  # layer whose attention probabilities are returned
 
 
 @dataclass
@@ -35,9 +56,9 @@ class SelectiveOutput:
     logits: Tensor  # [vocab] of the last token
     computed_token_layers: int
     flops: float
-    recomputed: Tensor  # global indices active in the last layer
+    recomputed: Tensor  # slots of the rows active in the last layer (device)
     probe_attention: Tensor | None = None  # [n_active, N] mean attention at the probe layer
-    deviations: dict | None = None  # layer → (global indices, deviation) at selection layers
+    deviations: dict | None = None  # layer → (slots, deviation) at recorded layers
 
 
 def ratio_schedule(r: float, layer: int, select_from: int, widen: float, narrow_layers: int
@@ -52,90 +73,108 @@ def ratio_schedule(r: float, layer: int, select_from: int, widen: float, narrow_
     return start + (r - start) * step
 
 
-def top_fraction(dev: Tensor, must: Tensor, frac: float, n_candidates: int) -> Tensor:
-    """Keep ``must`` tokens plus the top ``frac × n_candidates`` others by deviation."""
-    keep = must.clone()
-    k = int(math.ceil(frac * n_candidates - 1e-9))
-    k = min(k, int((~must).sum()))
-    if k > 0:
-        d = dev.masked_fill(must, float("-inf"))
-        keep[torch.topk(d, k).indices] = True
-    return keep
+def keep_count(frac: float, n_candidates: int) -> int:
+    return min(n_candidates, int(math.ceil(frac * n_candidates - 1e-9)))
+
+
+def _select(dev: Tensor, must: Tensor, group: Tensor | None, sel: Selection,
+            group_keep: Tensor | None) -> Tensor:
+    """Row indices kept (ascending), a static number of them: ``sel.keep``."""
+    score = dev.masked_fill(must, float("inf"))
+    if group_keep is None:
+        keep = torch.topk(score, sel.keep, sorted=False).indices
+    else:  # per-chunk top-k: rank rows within their chunk by deviation
+        n = score.numel()
+        order = torch.argsort(score, descending=True, stable=True)
+        g = group[order]
+        by_group = torch.argsort(g, stable=True)
+        rows, g = order[by_group], g[by_group]
+        rank = torch.arange(n, device=dev.device) - torch.searchsorted(g, g)
+        kept = rank < group_keep[g + 1]
+        keep = rows[torch.argsort((~kept).to(torch.uint8), stable=True)[:sel.keep]]
+    return torch.sort(keep).values
 
 
 @torch.inference_mode()
-def selective_prefill(
-    engine: Engine,
-    ids: Tensor,
-    kv: KVCache,
-    cached: Tensor,
-    exact: Tensor,
-    selector: Selector,
-    select_layers: set[int],
-    probe_layer: int | None = None,
-    inplace: bool = False,
-    start: Tensor | None = None,
-    ready: list | None = None,
-) -> SelectiveOutput:
-    """Run the layer loop over the non-exact tokens, narrowing at ``select_layers``.
+def selective_prefill(engine: Engine, ids: list[int], kv: KVCache, plan: SelectivePlan,
+                      ready: list | None = None, context_group: ContextGroup | None = None
+                      ) -> SelectiveOutput:
+    """Run the layer loop over ``plan.rows``, narrowing at the plan's selections.
 
-    ``cached`` marks tokens whose K/V came from a cache (candidates for reuse), ``exact`` the
-    ones whose cached K/V is already exact (a prefix at its own positions): never recomputed.
-    ``inplace`` lets the call write into ``kv``'s buffers (when the caller owns them);
-    ``start`` overrides the tokens computed from layer 0 on (naive reuse: the text only);
-    ``ready`` are per-layer CUDA events of K/V still being loaded (``chunks.assemble``).
+    ``kv`` is the assembled prompt K/V, updated in place (the caller owns it); ``ready`` are
+    per-layer CUDA events of K/V still being loaded (``chunks.assemble``). With
+    ``context_group`` (APE) the rows attend with APE's adjustment on the contexts; keys need
+    not be position-sorted then.
     """
     L = engine.spec.num_layers
     ops = engine.ops
-    K, V = (kv.k, kv.v) if inplace else (kv.k.clone(), kv.v.clone())
-    pos = kv.positions.to(engine.device)
-    active = torch.nonzero(~exact if start is None else start).flatten()
-    must = ~cached[active]
+    d = engine.spec.head_dim
+    group_size = engine.spec.num_heads // engine.spec.num_kv_heads
+    K, V = kv.k, kv.v
+    kpos = kv.positions
+    n0 = len(plan.rows)
+    groups = plan.groups if plan.groups is not None else np.full(n0, -1)
+    host = np.concatenate([np.asarray(ids, dtype=np.int64)[plan.rows], plan.rows,
+                           plan.must.astype(np.int64), groups])
+    for s in plan.selections:  # per-chunk budgets travel in the same upload
+        if s.group_keep is not None:
+            host = np.concatenate([host, [np.iinfo(np.int64).max // 2], s.group_keep])
+    buf = upload(host, torch.int64, engine.device)
+    ids0, rows = buf[:n0], buf[n0:2 * n0]
+    must, group = buf[2 * n0:3 * n0].bool(), buf[3 * n0:4 * n0]
+    sel_by_layer, gk, off = {}, {}, 4 * n0
+    for s in plan.selections:
+        sel_by_layer[s.layer] = s
+        if s.group_keep is not None:
+            gk[s.layer] = buf[off:off + len(s.group_keep) + 1]
+            off += len(s.group_keep) + 1
     lin = linear_flops_per_token(engine.spec) / L
     qkv_share = _qkv_share(engine)
-    flops = 0.0
-    computed = 0
-    probe = None
-    deviations = {}
-    k_sorted = bool(torch.all(pos[1:] >= pos[:-1])) if pos.numel() > 1 else True
-    d = engine.spec.head_dim
-    group = engine.spec.num_heads // engine.spec.num_kv_heads
+    kavg = float(np.mean(plan.rows)) + 1.0 if n0 else 0.0  # mean keys a query sees (estimate)
+    flops, computed, n = 0.0, 0, n0
+    probe, deviations = None, {}
     with engine.lock:
-        h = engine.embed(ids[active])
-        q_pos = pos[active]
-        plan = ops.plan(q_pos, pos, d, k_sorted, group)  # recomputed only when the active set changes
-        # mean number of keys a query sees (causal), for FLOP accounting; read from the GPU only
-        # when the active set changes so the layer loop never waits on the device
-        kavg = float(q_pos.float().mean()) + 1.0 if active.numel() else 0.0
+        pos = kpos[rows]
+        pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
+        attn_plan = ops.plan(pos, kpos, d, True, group_size) if context_group is None else None
+        h = engine.embed(ids0)
+        resid = None
         for layer in range(L):
             if ready is not None:  # this layer's cached K/V must have arrived
                 torch.cuda.current_stream().wait_event(ready[layer])
-            q, k, v = engine.qkv(layer, h, pos[active])
-            if layer in select_layers:
-                dev = ops.kv_deviation(k, v, K[layer][:, active], V[layer][:, active])
-                dev = dev.masked_fill(must, float("inf"))
-                deviations[layer] = (active, dev)
-                keep = selector(layer, active, dev)
-                n_keep = int(keep.sum())
-                # the Q/K/V probe of the tokens dropped here is a partial layer of work
-                flops += lin * qkv_share * (keep.numel() - n_keep)
-                if n_keep != keep.numel():
-                    active, must = active[keep], must[keep]
-                    q, k, v, h = q[:, keep], k[:, keep], v[:, keep], h[keep]
-                    q_pos = pos[active]
-                    plan = ops.plan(q_pos, pos, d, k_sorted, group)
-                    kavg = float(q_pos.float().mean()) + 1.0 if active.numel() else 0.0
-            ops.scatter_kv(K[layer], V[layer], active, k, v)
-            if probe_layer == layer:
-                probe = _attention_probs(engine, q, K[layer], pos[None, :] <= q_pos[:, None])
-            a = ops.selective_attention(q, K[layer], V[layer], q_pos, pos, engine.scaling,
-                                        k_sorted=k_sorted, plan=plan)
-            h = engine.finish_layer(layer, h, a.transpose(0, 1).reshape(q.shape[1], -1))
-            n = active.numel()
+            qkv = engine.layer_in(layer, h, resid)
+            sel = sel_by_layer.get(layer)
+            if sel is None and layer not in plan.record:
+                q, _, _ = engine.rope_rows(qkv, pos, pos32, K[layer], V[layer], rows32)
+            else:
+                q, k, v = engine.rope_rows(qkv, pos, pos32)
+                dev = ops.kv_deviation_at(k, v, K[layer], V[layer], rows32)
+                if layer in plan.record:
+                    deviations[layer] = (rows, dev)
+                if sel is not None and sel.keep < n:
+                    keep = _select(dev, must, group, sel, gk.get(layer))
+                    flops += lin * qkv_share * (n - sel.keep)  # Q/K/V of the dropped rows
+                    n = sel.keep
+                    rows, must, group, h = rows[keep], must[keep], group[keep], h[keep]
+                    q, k, v = q[:, keep], k[:, keep], v[:, keep]
+                    pos = kpos[rows]
+                    pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
+                    attn_plan = ops.plan(pos, kpos, d, True, group_size)
+                ops.scatter_kv(K[layer], V[layer], rows, k, v)
+            if plan.probe_layer == layer:
+                probe = _attention_probs(engine, q, K[layer], kpos[None, :] <= pos[:, None])
+            if context_group is not None:
+                a = engine.attend_grouped(q, K[layer], V[layer], pos, kpos, context_group)
+            else:
+                a = ops.selective_attention(q, K[layer], V[layer], pos, kpos, engine.scaling,
+                                            k_sorted=True, plan=attn_plan)
+                a = a.transpose(0, 1).reshape(n, -1)
+            resid = engine.layer_out(layer, h, a)
             computed += n
             flops += lin * n + attention_flops(engine.spec, n, kavg) / L
-        logits = engine.logits(h[-1:])[0]
-    return SelectiveOutput(KVCache(K, V, pos), logits, computed, flops, active, probe,
+        # rows stay in slot order and the prompt's last token is always computed: last row
+        logits = engine.lm_head(engine.final_hidden(h[-1:], resid[-1:])).float()[0]
+    return SelectiveOutput(KVCache(K, V, kpos), logits, computed, flops, rows, probe,
                            deviations)
 
 

@@ -29,6 +29,7 @@ class EntryMeta:
     prefix_key: str | None = None
     public: bool = False
     extra: dict = field(default_factory=dict)
+    first_position: int | None = None  # where the chunk was encoded (host copy of positions[0])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -77,7 +78,10 @@ class StoredEntry:
             t = {n: x.to(device, non_blocking=True) for n, x in t.items()}
         k, v = get_codec(self.meta.codec).decode(t, dtype)
         stats = {n[5:]: x for n, x in t.items() if n.startswith("stat.")}
-        return ChunkEntry(self.meta, KVCache(k, v, t["positions"]), t["token_ids"], stats)
+        kv = KVCache(k, v, t["positions"])
+        if self.meta.first_position is not None:
+            kv.first_position = self.meta.first_position  # placement without a device read
+        return ChunkEntry(self.meta, kv, t["token_ids"], stats)
 
     def to(self, device: torch.device | str, pin: bool = False, copy: bool = False) -> "StoredEntry":
         out = {}

@@ -205,7 +205,8 @@ class KVStore:
         meta = EntryMeta(key=key, namespace=ns, model=model, num_tokens=ids.numel(),
                          dtype=dtype_name(kv.k.dtype), codec=self.codec,
                          recompute_cost=float(recompute_cost if recompute_cost else ids.numel()),
-                         prefix_key=prefix_key, public=public, extra=extra or {})
+                         prefix_key=prefix_key, public=public, extra=extra or {},
+                         first_position=int(kv.positions[0]) if kv.num_tokens else 0)
         entry = StoredEntry.encode(meta, kv, ids, stats)
         skey = f"{ns}/{key}"
         stored = False
