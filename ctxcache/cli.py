@@ -15,6 +15,7 @@ from ctxcache.errors import CtxCacheError
 app = typer.Typer(help="ctxcache: context-caching gateway for RAG apps and agent teams.",
                   no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
+console = Console()
 
 
 @app.command()
@@ -213,9 +214,20 @@ def bench(name: str = typer.Argument(..., help="engine | kvstore | fidelity | se
 
 @app.command()
 def models() -> None:
-    """List the models that can be named without a checkpoint directory."""
+    """List the models that can be named without a checkpoint directory, and which are installed
+    (a GGUF file path or an HF checkpoint directory can always be given instead)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ctxcache.engine.packaged import installed
+
+    table = Table("model", "status", "what it is")
+    for name, status, desc in installed():
+        table.add_row(name, escape(status), desc)
     for name in available_models():
-        print(name)
+        if name.startswith("random:"):
+            table.add_row(name, "built in", "random weights in this shape (speed benchmarks)")
+    console.print(table)
 
 
 if __name__ == "__main__":

