@@ -36,24 +36,35 @@ VARIANTS = {"full": ("full", {}), "naive": ("naive", {}),
 
 
 def profile_one(fn) -> dict:
+    """GPU busy time (union of device activity intervals), kernel launches, host syncs, the
+    CPU ops that cost most and the device kernels that cost most, for one call of ``fn``."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    gpu_us, kernels, syncs, phases, cpu_ops = 0.0, 0, 0, {}, {}
+    spans, kernels, syncs, cpu_ops, gpu_ops = [], 0, 0, {}, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            gpu_us += e.device_time
+            spans.append((e.time_range.start, e.time_range.end))
             kernels += 1
         elif e.name in SYNC_OPS:
             syncs += 1
-        elif e.name.startswith("phase:"):
-            phases[e.name[6:]] = phases.get(e.name[6:], 0.0) + e.cpu_time_total / 1e3
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
     for ka in prof.key_averages():
-        if ka.device_type != torch.autograd.DeviceType.CUDA:
+        if ka.device_type == torch.autograd.DeviceType.CUDA:
+            gpu_ops[ka.key] = ka.self_device_time_total / 1e3
+        else:
             cpu_ops[ka.key] = ka.self_cpu_time_total / 1e3
     top = sorted(cpu_ops.items(), key=lambda kv: -kv[1])[:12]
-    return {"gpu_busy_ms": gpu_us / 1e3, "kernels": kernels, "host_syncs": syncs,
-            "phases_ms": phases, "top_cpu_ops_ms": top}
+    top_gpu = sorted(gpu_ops.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_busy_ms": busy / 1e3, "kernels": kernels, "host_syncs": syncs,
+            "top_cpu_ops_ms": top, "top_gpu_kernels_ms": top_gpu}
 
 
 def main() -> None:
@@ -62,12 +73,13 @@ def main() -> None:
     ap.add_argument("--contexts", default="8192")
     ap.add_argument("--strategies", default=",".join(VARIANTS))
     ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     engine = Engine.load(args.model, device="cuda", dtype="bf16", kernels="triton")
     rows = []
     for n in [int(x) for x in args.contexts.split(",")]:
-        segs = make_prompt(n, n, engine.spec.vocab_size)
+        segs = make_prompt(n, n, engine.spec.vocab_size, (args.chunk, args.chunk))
         ctx = FusionContext(engine, KVStore([MemoryTier(60 << 30, "cuda")], eviction="lru"))
         for label in args.strategies.split(","):
             name, params = VARIANTS[label]
@@ -86,6 +98,10 @@ def main() -> None:
                 torch.cuda.synchronize()
                 ts.append(time.perf_counter() - t0)
             prof = profile_one(run)
+            sctx = FusionContext(engine, ctx.store, sync_phases=True)
+            phases = [strat.build(sctx, segs).stats.phases for _ in range(3)]
+            prof["phases_ms"] = {k: statistics.median(p[k] for p in phases) * 1e3
+                                 for k in phases[0]}
             row = {"model": args.model, "context": n, "strategy": label,
                    "wall_ms": statistics.median(ts) * 1e3, **prof}
             rows.append(row)
@@ -93,6 +109,8 @@ def main() -> None:
                   f"ms, {row['kernels']} kernels, {row['host_syncs']} syncs, phases "
                   f"{ {k: round(v, 2) for k, v in row['phases_ms'].items()} }", flush=True)
             print("   top CPU ops:", [(k, round(v, 2)) for k, v in row["top_cpu_ops_ms"][:6]])
+            print("   top GPU kernels:", [(k[:40], round(v, 2))
+                                          for k, v in row["top_gpu_kernels_ms"][:6]])
         ctx.store.close()
     print_table(f"TTFT profile — {args.model} bf16, {torch.cuda.get_device_name()}",
                 ["context", "strategy", "wall ms", "GPU busy ms", "busy share", "kernels",

