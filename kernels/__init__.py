@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ctxcache.kernels.reference import (
-    add_rms_norm_ref, kv_deviation_at_ref, kv_deviation_ref, rope_shift_ref, silu_mul_ref,
+    add_rms_norm_ref, grouped_attention_ref, kv_deviation_at_ref, kv_deviation_ref,
+    rope_shift_ref, silu_mul_ref,
 )
 
 
@@ -30,7 +31,8 @@ class Ops:
     selective_attention: Callable[..., Tensor]
     kv_deviation: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
     scatter_kv: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
-    plan: Callable[..., object] = lambda q_pos, k_pos, head_dim, k_sorted=None, group=1: None
+    plan: Callable[..., object] = lambda q_pos, k_pos, head_dim, k_sorted=None, group=1, \
+        scale=None, context=None: None
     # fused steps of the layer loop (h += r; RMSNorm), SwiGLU gate, deviation against cached
     # rows in place; the Triton set adds one-launch RoPE(+scatter) and chunk assembly
     add_rms_norm: Callable[..., Tensor] = add_rms_norm_ref
@@ -47,7 +49,12 @@ def _torch_rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
 
 def _torch_selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                                scale: float, key_bias: Tensor | None = None,
-                               k_sorted: bool | None = None, plan=None) -> Tensor:
+                               k_sorted: bool | None = None, plan=None,
+                               log_scale: float | None = None, temperature: float = 1.0,
+                               context: tuple[int, int] | None = None) -> Tensor:
+    if context is not None:
+        return grouped_attention_ref(q, k, v, q_pos, k_pos, scale, context[0], context[1],
+                                     temperature, log_scale or 0.0)
     hq, hkv = q.shape[0], k.shape[0]
     if q.shape[1] == 0:
         return q.new_zeros(q.shape)
@@ -97,5 +104,5 @@ def get_ops(backend: str = "auto", device: str | torch.device = "cpu") -> Ops:
     from ctxcache.kernels import triton_ops as t
 
     return Ops("triton", t.rope_shift, t.selective_attention, t.kv_deviation, t.scatter_kv,
-               t.attention_plan, t.add_rms_norm, t.silu_mul, t.kv_deviation_at, t.rope_qkv,
+               t.auto_plan, t.add_rms_norm, t.silu_mul, t.kv_deviation_at, t.rope_qkv,
                t.assemble_kv)

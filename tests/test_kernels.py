@@ -256,3 +256,29 @@ def test_attention_plan_bounds_cover_every_visible_key(hq, hkv):
         queries = {r // group for r in range(j * bm, (j + 1) * bm) if r // group < tq}
         need = max(int((kp <= qp[i]).sum()) for i in queries)
         assert int(hi[j]) >= need
+
+
+@pytest.mark.parametrize("hq,hkv,tq,tk,d", [(4, 2, 3, 200, 16), (6, 2, 5, 150, 16),
+                                            (4, 1, 1, 90, 32), (8, 8, 2, 300, 16)])
+def test_split_k_attention_plain_and_ape_groups(hq, hkv, tq, tk, d):
+    """Split-K (keys split across programs, partials merged by log-sum-exp) equals the plain
+    attention; with a context group it equals APE's two-term combination."""
+    q, k, v = rnd(hq, tq, d), rnd(hkv, tk, d), rnd(hkv, tk, d)
+    kp = torch.arange(tk)
+    qp = torch.sort(torch.randint(tk // 2, tk, (tq,), generator=G)).values
+    plan = TRI.split_plan(qp, kp, d, hq // hkv, d ** -0.5)
+    assert plan[3][4] > 1, "the keys are split"
+    out = TRI.split_attention(q, k, v, plan)
+    assert (out - selective_attention_ref(q, k, v, qp, kp, d ** -0.5)).abs().max().item() <= 1e-5
+    s, lens = 7, (40, 25, 33)  # APE: prefix, three contexts at the same positions, queries
+    kp2 = torch.cat([torch.arange(s)] + [torch.arange(s, s + n) for n in lens]
+                    + [torch.arange(s + 40, s + 40 + tq)])
+    end = s + sum(lens)
+    k2, v2 = rnd(hkv, kp2.numel(), d), rnd(hkv, kp2.numel(), d)
+    qp2 = torch.arange(s + 40, s + 40 + tq)
+    for temp, scale in ((1.0, 1.0), (0.6, 0.8)):
+        plan = TRI.split_plan(qp2, kp2, d, hq // hkv, d ** -0.5, context=(s, end, temp))
+        ls = float(torch.log(torch.tensor(scale)))
+        out = TRI.split_attention(q, k2, v2, plan, log_scale=ls, temperature=temp)
+        ref = grouped_attention_ref(q, k2, v2, qp2, kp2, d ** -0.5, s, end, temp, ls)
+        assert (out - ref).abs().max().item() <= 1e-5

@@ -96,8 +96,10 @@ def decode_step(engine: Engine, buf: DecodeBuffer, token_id: int) -> Tensor:
     step = upload([token_id, buf.next_position, t], torch.long, engine.device)
     ids, pos, slot = step[0:1], step[1:2], step[2:3]
     pos32, slot32 = pos.to(torch.int32), slot.to(torch.int32)
+    gplan = None
     if buf.group is not None:
         buf._pos[t] = buf.next_position
+        gplan = engine.group_plan(pos, buf._pos[: t + 1], buf.group)
     with engine.lock:
         h = engine.embed(ids)
         resid = None
@@ -106,7 +108,7 @@ def decode_step(engine: Engine, buf: DecodeBuffer, token_id: int) -> Tensor:
             q, _, _ = engine.rope_rows(qkv, pos, pos32, buf.k[i], buf.v[i], slot32)
             k, v = buf.k[i, :, : t + 1], buf.v[i, :, : t + 1]
             if buf.group is not None:
-                a = engine.attend_grouped(q, k, v, pos, buf._pos[: t + 1], buf.group)
+                a = engine.attend_grouped(q, k, v, pos, buf._pos[: t + 1], buf.group, gplan)
             else:
                 a = engine.attend(q, k, v)
             resid = engine.layer_out(i, h, a)

@@ -26,7 +26,6 @@ from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctxcache.engine.rope import Rope
 from ctxcache.errors import InvalidInputError, KVMismatchError, ModelLoadError
-from ctxcache.kernels.reference import grouped_attention_ref
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -350,12 +349,23 @@ class Engine:
             )
         return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
+    def group_plan(self, q_pos: Tensor, k_pos: Tensor, group: "ContextGroup"):
+        """Attention plan of APE's two-group attention (split-K on the Triton ops)."""
+        return self.ops.plan(q_pos, k_pos, self.spec.head_dim, False,
+                             self.spec.num_heads // self.spec.num_kv_heads, self.scaling,
+                             (group.start, group.end, group.temperature))
+
     def attend_grouped(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
-                       group: "ContextGroup") -> Tensor:
-        """APE attention (see ``ContextGroup``) → [Tq, Hq*D]. Explicit: it serves the few
-        query and answer tokens that follow parallel-encoded contexts."""
-        out = grouped_attention_ref(q, k, v, q_pos, k_pos, self.scaling, group.start, group.end,
-                                    group.temperature, math.log(group.scale))
+                       group: "ContextGroup", plan=None) -> Tensor:
+        """APE attention (see ``ContextGroup``) → [Tq, Hq*D]: the contexts and the other keys
+        are two softmax terms combined by their log-sum-exps (one split-K kernel + combine on
+        the Triton ops)."""
+        if plan is None:
+            plan = self.group_plan(q_pos, k_pos, group)
+        out = self.ops.selective_attention(q, k, v, q_pos, k_pos, self.scaling, plan=plan,
+                                           log_scale=math.log(group.scale),
+                                           temperature=group.temperature,
+                                           context=(group.start, group.end))
         return out.transpose(0, 1).reshape(q.shape[1], -1)
 
     def logits(self, h: Tensor) -> Tensor:
@@ -425,7 +435,7 @@ class Engine:
         if context_group is None and self.ops.name == "triton" and not user_mask and (
                 past or not contiguous) and (t == 1 or bool(torch.all(pos[1:] > pos[:-1]))):
             plan = self.ops.plan(pos, k_pos, self.spec.head_dim, None,
-                                 self.spec.num_heads // self.spec.num_kv_heads)
+                                 self.spec.num_heads // self.spec.num_kv_heads, self.scaling)
         elif context_group is None and not user_mask and (past or not contiguous):
             mask = self.position_mask(pos, k_pos, t)
         s = self.spec
@@ -433,6 +443,7 @@ class Engine:
                             device=self.device)
         out_v = torch.empty_like(out_k)
         pos32 = pos.to(torch.int32)
+        gplan = self.group_plan(pos, k_pos, context_group) if context_group else None
         with self.lock:
             h = self.embed(ids)
             resid = None
@@ -445,7 +456,7 @@ class Engine:
                 else:
                     k, v = out_k[i], out_v[i]
                 if context_group is not None:
-                    a = self.attend_grouped(q, k, v, pos, k_pos, context_group)
+                    a = self.attend_grouped(q, k, v, pos, k_pos, context_group, gplan)
                 elif plan is not None:
                     a = self.ops.selective_attention(q, k, v, pos, k_pos, self.scaling,
                                                      plan=plan)

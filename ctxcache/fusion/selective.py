@@ -136,7 +136,8 @@ def selective_prefill(engine: Engine, ids: list[int], kv: KVCache, plan: Selecti
     with engine.lock:
         pos = kpos[rows]
         pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
-        attn_plan = ops.plan(pos, kpos, d, True, group_size) if context_group is None else None
+        attn_plan = (ops.plan(pos, kpos, d, True, group_size, engine.scaling)
+                     if context_group is None else engine.group_plan(pos, kpos, context_group))
         h = engine.embed(ids0)
         resid = None
         for layer in range(L):
@@ -159,12 +160,13 @@ def selective_prefill(engine: Engine, ids: list[int], kv: KVCache, plan: Selecti
                     q, k, v = q[:, keep], k[:, keep], v[:, keep]
                     pos = kpos[rows]
                     pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
-                    attn_plan = ops.plan(pos, kpos, d, True, group_size)
+                    attn_plan = ops.plan(pos, kpos, d, True, group_size, engine.scaling)
                 ops.scatter_kv(K[layer], V[layer], rows, k, v)
             if plan.probe_layer == layer:
                 probe = _attention_probs(engine, q, K[layer], kpos[None, :] <= pos[:, None])
             if context_group is not None:
-                a = engine.attend_grouped(q, K[layer], V[layer], pos, kpos, context_group)
+                a = engine.attend_grouped(q, K[layer], V[layer], pos, kpos, context_group,
+                                          attn_plan)
             else:
                 a = ops.selective_attention(q, K[layer], V[layer], pos, kpos, engine.scaling,
                                             k_sorted=True, plan=attn_plan)
