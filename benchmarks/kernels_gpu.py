@@ -171,7 +171,7 @@ def fused_checks(ops, g, hbm, rows, checks) -> None:
             row["of_hbm"] = tc / t  # here: speed relative to that copy
             del host, devb
         rows.append(row)
-        del K, V, Kr, Vr, pairs
+        K = V = Kr = Vr = pairs = None  # free before the next case
         torch.cuda.empty_cache()
     del srcs
     for t_rows in (64, 1229, 8192):
@@ -218,7 +218,7 @@ def fused_checks(ops, g, hbm, rows, checks) -> None:
         checks.append(("kv_deviation_at", t_rows, ((ops.kv_deviation_at(k, v, Kb, Vb, slots)
                                                     - ref).abs() / ref.clamp_min(1e-6)).max()
                        .item()))
-        del qkv, Kb, Vb, gu
+        qkv = Kb = Vb = gu = None  # free before the next size
         torch.cuda.empty_cache()
 
 

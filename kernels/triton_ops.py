@@ -16,6 +16,8 @@ All run on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (slow: tests use tiny s
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import triton
 import triton.language as tl
@@ -696,6 +698,32 @@ def key_splits(tk: int, n_programs: int, device, block_n: int,
     return out or [(0, 0, 0)]
 
 
+_SPLIT_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+def _split_table(device, tk: int, n_programs: int, block_n: int, scale: float,
+                 context: tuple[int, int, float] | None) -> tuple:
+    """The key-split table on the device, built once per shape and kept: a layer loop (and a
+    captured CUDA graph) reuses it without any host→device copy."""
+    key = (str(device), tk, n_programs, block_n, scale, context)
+    hit = _SPLIT_TABLES.get(key)
+    if hit is not None:
+        _SPLIT_TABLES.move_to_end(key)
+        return hit
+    splits = key_splits(tk, n_programs, device, block_n, None if context is None else context[:2])
+    temp = 1.0 if context is None else context[2]
+    host = torch.tensor([[a for a, _, _ in splits], [b for _, b, _ in splits],
+                         [g for _, _, g in splits]], dtype=torch.int32)
+    scales = torch.tensor([scale / temp if g else scale for _, _, g in splits],
+                          dtype=torch.float32)
+    host, scales = host.to(device), scales.to(device)
+    out = (host[0], host[1], scales, host[2], len(splits))
+    _SPLIT_TABLES[key] = out
+    while len(_SPLIT_TABLES) > 512:
+        _SPLIT_TABLES.popitem(last=False)
+    return out
+
+
 def split_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, group_size: int,
                scale: float, k_sorted: bool = True,
                context: tuple[int, int, float] | None = None) -> tuple:
@@ -705,19 +733,8 @@ def split_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, group_size: int,
     qp, kp, hi = attention_plan(q_pos, k_pos, head_dim, k_sorted if context is None else False,
                                 group_size)
     bn = _blocks(head_dim, q_pos.device.type)[1]
-    n_prog = hi.numel()
-    splits = key_splits(k_pos.numel(), n_prog, q_pos.device, bn,
-                        None if context is None else context[:2])
-    temp = 1.0 if context is None else context[2]
-    host = torch.tensor([[a for a, _, _ in splits], [b for _, b, _ in splits],
-                         [g for _, _, g in splits]], dtype=torch.int32)
-    scales = torch.tensor([scale / temp if g else scale for _, _, g in splits],
-                          dtype=torch.float32)
-    if q_pos.device.type == "cuda":
-        host, scales = host.pin_memory(), scales.pin_memory()
-    host = host.to(q_pos.device, non_blocking=True)
-    scales = scales.to(q_pos.device, non_blocking=True)
-    return qp, kp, hi, (host[0], host[1], scales, host[2], len(splits))
+    table = _split_table(q_pos.device, k_pos.numel(), hi.numel(), bn, float(scale), context)
+    return qp, kp, hi, table
 
 
 def split_attention(q: Tensor, k: Tensor, v: Tensor, plan, log_scale: float | None = None,

@@ -30,8 +30,9 @@ from ctxcache.engine.flops import prefill_flops
 from ctxcache.engine.runner import ContextGroup, upload
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import Source, assemble, chunk_kv, full_flops
-from ctxcache.fusion.selective import SelectivePlan, selective_prefill
+from ctxcache.fusion.chunks import Source, chunk_kv, full_flops
+from ctxcache.fusion.execute import execute
+from ctxcache.fusion.selective import SelectivePlan
 from ctxcache.kv.keys import chunk_key
 
 
@@ -89,14 +90,11 @@ class APE(FusionStrategy):
         positions.append(np.arange(q_first, q_first + len(query_ids)))
         n_all = past + len(query_ids)
         group = ContextGroup(s, past, self.temperature, self.scale)
-        with timer("assembly"):
-            pos = upload(np.concatenate(positions), torch.long, engine.device)
-            asm = assemble(ctx, n_all, sources, positions=pos)
+        pos = upload(np.concatenate(positions), torch.long, engine.device)
         rows = np.arange(past, n_all)
-        with timer("prefill"):
-            out = selective_prefill(engine, ids, asm.kv,
-                                    SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
-                                    asm.ready, context_group=group if contexts else None)
+        ex = execute(ctx, ids, sources, SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
+                     timer, positions=pos, context_group=group if contexts else None)
+        out = ex.out
         n, L = len(ids), engine.spec.num_layers
         stats.prompt_tokens = n
         stats.reused_tokens = n - len(query_ids) - built
@@ -108,7 +106,7 @@ class APE(FusionStrategy):
         stats.full_flops = full_flops(ctx, n)
         stats.extra["query_start_position"] = q_first
         return FusionResult(out.kv, out.logits, stats, context_group=group if contexts else None,
-                            token_ids=ids, storage=asm.storage)
+                            token_ids=ids, storage=ex.storage)
 
     @staticmethod
     def chunk_key_after(ctx: FusionContext, prefix_ids: list[int], ids: list[int]) -> str:

@@ -20,9 +20,10 @@ import numpy as np
 
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment
-from ctxcache.fusion.chunks import Piece, assemble, full_flops, lookup
+from ctxcache.fusion.chunks import Piece, cached_mask, full_flops, lookup
+from ctxcache.fusion.execute import execute
 from ctxcache.fusion.selective import (
-    Selection, SelectiveOutput, SelectivePlan, keep_count, ratio_schedule, selective_prefill,
+    Selection, SelectiveOutput, SelectivePlan, keep_count, ratio_schedule,
 )
 
 
@@ -64,13 +65,12 @@ class CacheBlend(FusionStrategy):
         stats, timer, pieces, ids = self.start(ctx, segments, recompute_ratio=self.r)
         with timer("lookup"):
             _, sources = lookup(ctx, pieces, stats)
-        with timer("assembly"):
-            asm = assemble(ctx, len(ids), sources)
-        plan = self.plan(pieces, asm.cached, engine.spec.num_layers)
-        with timer("layers"):
-            out = selective_prefill(engine, ids, asm.kv, plan, asm.ready)
-        fill_stats(stats, ctx, ids, asm.cached, plan, out)
-        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=asm.storage)
+        cached = cached_mask(len(ids), sources)
+        plan = self.plan(pieces, cached, engine.spec.num_layers)
+        ex = execute(ctx, ids, sources, plan, timer)
+        fill_stats(stats, ctx, ids, cached, plan, ex.out)
+        stats.extra["cuda_graph"] = ex.graph
+        return FusionResult(ex.out.kv, ex.out.logits, stats, token_ids=ids, storage=ex.storage)
 
 
 def exact_prefix(pieces: Sequence[Piece], n: int) -> np.ndarray:
@@ -88,7 +88,7 @@ def fill_stats(stats: FusionStats, ctx: FusionContext, ids, cached: np.ndarray,
     """Counts known on the host: rows without a cache are never dropped, so the cached rows
     recomputed to the end are the final rows minus those."""
     n, L = len(ids), ctx.engine.spec.num_layers
-    final = out.recomputed.numel()
+    final = min([len(plan.rows)] + [s.keep for s in plan.selections])
     stats.prompt_tokens = n
     stats.recomputed_tokens = final
     stats.reused_tokens = int(cached.sum()) - (final - int(plan.must.sum()))

@@ -37,10 +37,9 @@ from ctxcache.engine.flops import prefill_flops
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
 from ctxcache.fusion.cacheblend import exact_prefix, fill_stats
-from ctxcache.fusion.chunks import Piece, assemble, load_chunk, lookup
-from ctxcache.fusion.selective import (
-    Selection, SelectivePlan, keep_count, ratio_schedule, selective_prefill,
-)
+from ctxcache.fusion.chunks import Piece, cached_mask, load_chunk, lookup
+from ctxcache.fusion.execute import execute
+from ctxcache.fusion.selective import Selection, SelectivePlan, keep_count, ratio_schedule
 from ctxcache.kv.keys import chunk_key
 
 
@@ -131,8 +130,7 @@ class CacheCraft(FusionStrategy):
 
         with timer("lookup"):
             _, sources = lookup(ctx, pieces, stats, loader)
-        with timer("assembly"):
-            asm = assemble(ctx, len(ids), sources)
+        cached = cached_mask(len(ids), sources)
         budgets = self.budgets([p.key for p in chunk_pieces])
         for ci, p in enumerate(chunk_pieces):  # a variant for this context needs no more repair
             if p.start in variant_hits:
@@ -144,11 +142,11 @@ class CacheCraft(FusionStrategy):
         # chunk of the prompt has been seen fewer than `probe_uses` times
         probing = any(self.table.get(p.key) is None or self.table[p.key].uses < self.probe_uses
                       for p in chunk_pieces)
-        plan, kept = self._plan(pieces, chunk_pieces, asm.cached, budgets, pre, L)
+        plan, kept = self._plan(pieces, chunk_pieces, cached, budgets, pre, L)
         if probing:
             plan.probe_layer = L // 2
-        with timer("layers"):
-            out = selective_prefill(engine, ids, asm.kv, plan, asm.ready)
+        ex = execute(ctx, ids, sources, plan, timer)
+        out = ex.out
         with timer("learn"):
             self._learn(out, chunk_pieces)
             if not pre and out.deviations and 1 in out.deviations:
@@ -163,12 +161,12 @@ class CacheCraft(FusionStrategy):
             for ci, p in enumerate(chunk_pieces):
                 saved = prefill_flops(engine.spec, len(p.token_ids)) * (1 - budgets[ci])
                 store.reuse_hint(p.key, ctx.namespace, saved)
-        fill_stats(stats, ctx, ids, asm.cached, plan, out)
+        fill_stats(stats, ctx, ids, cached, plan, out)
         stats.extra.update({"chunk_budgets": [round(b, 4) for b in budgets],
                             "preselected": bool(pre),
                             "variants_used": len(variant_hits),
-                            "recomputed_share": shares})
-        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=asm.storage)
+                            "recomputed_share": shares, "cuda_graph": ex.graph})
+        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=ex.storage)
 
     def _plan(self, pieces, chunk_pieces, cached: np.ndarray, budgets, pre: bool, L: int
               ) -> tuple[SelectivePlan, list[int]]:

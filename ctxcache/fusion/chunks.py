@@ -230,9 +230,7 @@ def assemble(ctx: FusionContext, n: int, sources: Sequence[Source],
     K = torch.empty(s.num_layers, s.num_kv_heads, cap, s.head_dim, dtype=engine.dtype,
                     device=dev)
     V = torch.empty_like(K)
-    cached = np.zeros(n, dtype=bool)
-    for src in sources:
-        cached[src.start:src.end] = True
+    cached = cached_mask(n, sources)
     pos = positions if positions is not None else torch.arange(n, device=dev)
     storage = KVCache(K, V, torch.arange(cap, device=dev))
     ready = None
@@ -258,7 +256,21 @@ def _assemble_torch(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Sour
                                              device=engine.device), inv)
 
 
-def _assemble_triton(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Source]):
+def cached_mask(n: int, sources: Sequence[Source]) -> np.ndarray:
+    """bool [n] (host): which prompt tokens come from a cache."""
+    cached = np.zeros(n, dtype=bool)
+    for src in sources:
+        cached[src.start:src.end] = True
+    return cached
+
+
+def device_resident(engine, sources: Sequence[Source]) -> bool:
+    return all(_on_device(src.kv.k, engine.device) for src in sources)
+
+
+def _assemble_triton(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Source],
+                     n_slots: int | None = None):
+    """Triton assembly of ``n`` prompt slots (plus zeroed slots up to ``n_slots``)."""
     from ctxcache.kernels.triton_ops import source_offsets
 
     dev = engine.device
@@ -274,6 +286,7 @@ def _assemble_triton(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Sou
                 k, v = k.to(dev, non_blocking=True), v.to(dev, non_blocking=True)
         pairs.append((k, v))
     ok, ov, ln = source_offsets(K, V, pairs) if pairs else ([], [], [])
+    n = n if n_slots is None else n_slots
     slot_src = np.full(n, -1, dtype=np.int64)
     slot_tok = np.zeros(n, dtype=np.int64)
     delta = np.zeros(n, dtype=np.int64)

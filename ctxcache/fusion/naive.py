@@ -12,8 +12,9 @@ import numpy as np
 
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import assemble, full_flops, lookup
-from ctxcache.fusion.selective import SelectivePlan, selective_prefill
+from ctxcache.fusion.chunks import cached_mask, full_flops, lookup
+from ctxcache.fusion.execute import execute
+from ctxcache.fusion.selective import SelectivePlan
 
 
 class NaiveReuse(FusionStrategy):
@@ -24,13 +25,10 @@ class NaiveReuse(FusionStrategy):
         stats, timer, pieces, ids = self.start(ctx, segments)
         with timer("lookup"):
             _, sources = lookup(ctx, pieces, stats)
-        with timer("assembly"):
-            asm = assemble(ctx, len(ids), sources)
-        text = np.nonzero(~asm.cached)[0]
-        with timer("layers"):  # the text runs through all layers; chunk K/V stays as loaded
-            out = selective_prefill(engine, ids, asm.kv,
-                                    SelectivePlan(text, np.ones(text.size, dtype=bool)),
-                                    asm.ready)
+        text = np.nonzero(~cached_mask(len(ids), sources))[0]
+        # the text runs through all layers; chunk K/V stays as loaded
+        ex = execute(ctx, ids, sources, SelectivePlan(text, np.ones(text.size, dtype=bool)),
+                     timer)
         n, t, L = len(ids), int(text.size), engine.spec.num_layers
         stats.prompt_tokens = n
         stats.reused_tokens = n - t
@@ -39,4 +37,5 @@ class NaiveReuse(FusionStrategy):
         stats.total_token_layers = n * L
         stats.flops = prefill_flops(engine.spec, t, n - t)
         stats.full_flops = full_flops(ctx, n)
-        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=asm.storage)
+        stats.extra["cuda_graph"] = ex.graph
+        return FusionResult(ex.out.kv, ex.out.logits, stats, token_ids=ids, storage=ex.storage)

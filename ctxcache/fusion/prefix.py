@@ -14,8 +14,9 @@ import numpy as np
 
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import Source, assemble, full_flops
-from ctxcache.fusion.selective import SelectivePlan, selective_prefill
+from ctxcache.fusion.chunks import Source, full_flops
+from ctxcache.fusion.execute import execute
+from ctxcache.fusion.selective import SelectivePlan
 from ctxcache.kv.keys import chunk_key
 
 
@@ -43,13 +44,11 @@ class PrefixReuse(FusionStrategy):
                 stats.chunk_hits += 1
         n_hit = len(sources)
         n_past = pieces[n_hit].start if n_hit < len(pieces) else len(ids)
-        with timer("assembly"):
-            asm = assemble(ctx, len(ids), sources)
         rows = np.arange(n_past, len(ids))
-        with timer("prefill"):  # exact: every row after the hits runs through all layers
-            out = selective_prefill(engine, ids, asm.kv,
-                                    SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
-                                    asm.ready)
+        # exact: every row after the hits runs through all layers
+        ex = execute(ctx, ids, sources, SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
+                     timer)
+        out = ex.out
         # store the newly computed cacheable segments under their chained keys (write-behind:
         # off the time to first token)
         with timer("store"):
@@ -71,4 +70,5 @@ class PrefixReuse(FusionStrategy):
         stats.total_token_layers = len(ids) * L
         stats.flops = prefill_flops(engine.spec, rest, n_past)
         stats.full_flops = full_flops(ctx, len(ids))
-        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=asm.storage)
+        stats.extra["cuda_graph"] = ex.graph
+        return FusionResult(out.kv, out.logits, stats, token_ids=ids, storage=ex.storage)

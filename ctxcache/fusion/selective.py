@@ -56,7 +56,7 @@ class SelectiveOutput:
     logits: Tensor  # [vocab] of the last token
     computed_token_layers: int
     flops: float
-    recomputed: Tensor  # slots of the rows active in the last layer (device)
+    recomputed: Tensor  # slots of the rows active in the last layer (device; may hold padding)
     probe_attention: Tensor | None = None  # [n_active, N] mean attention at the probe layer
     deviations: dict | None = None  # layer → (slots, deviation) at recorded layers
 
@@ -77,12 +77,15 @@ def keep_count(frac: float, n_candidates: int) -> int:
     return min(n_candidates, int(math.ceil(frac * n_candidates - 1e-9)))
 
 
-def _select(dev: Tensor, must: Tensor, group: Tensor | None, sel: Selection,
+def _select(dev: Tensor, must: Tensor, pad: Tensor | None, group: Tensor | None, keep: int,
             group_keep: Tensor | None) -> Tensor:
-    """Row indices kept (ascending), a static number of them: ``sel.keep``."""
+    """Row indices kept (ascending), a static number of them: ``keep``. Padding rows (CUDA-graph
+    buckets) rank below every real row."""
     score = dev.masked_fill(must, float("inf"))
+    if pad is not None:
+        score = score.masked_fill(pad, float("-inf"))
     if group_keep is None:
-        keep = torch.topk(score, sel.keep, sorted=False).indices
+        idx = torch.topk(score, keep, sorted=False).indices
     else:  # per-chunk top-k: rank rows within their chunk by deviation
         n = score.numel()
         order = torch.argsort(score, descending=True, stable=True)
@@ -91,8 +94,130 @@ def _select(dev: Tensor, must: Tensor, group: Tensor | None, sel: Selection,
         rows, g = order[by_group], g[by_group]
         rank = torch.arange(n, device=dev.device) - torch.searchsorted(g, g)
         kept = rank < group_keep[g + 1]
-        keep = rows[torch.argsort((~kept).to(torch.uint8), stable=True)[:sel.keep]]
-    return torch.sort(keep).values
+        idx = rows[torch.argsort((~kept).to(torch.uint8), stable=True)[:keep]]
+    return torch.sort(idx).values
+
+
+@dataclass
+class LoopInputs:
+    """Device tensors the layer loop reads: for one request (eager), or static buffers that a
+    captured CUDA graph reads on every replay."""
+
+    ids: Tensor  # token ids of the rows
+    rows: Tensor  # slots of the rows (ascending)
+    must: Tensor  # bool: never dropped
+    group: Tensor  # chunk index per row
+    pad: Tensor | None = None  # bool: padding rows of a graph bucket
+    last_slot: Tensor | None = None  # slot of the prompt's last token (graph buckets)
+    group_keep: dict = field(default_factory=dict)  # layer → per-chunk keep counts (+ must)
+
+
+@dataclass
+class LoopResult:
+    logits: Tensor
+    rows: Tensor
+    probe: Tensor | None
+    deviations: dict
+
+
+def run_loop(engine: Engine, K: Tensor, V: Tensor, kpos: Tensor, inp: LoopInputs,
+             plan: SelectivePlan, keeps: dict[int, int], ready: list | None = None,
+             context_group: ContextGroup | None = None) -> LoopResult:
+    """The layer loop itself: device work only, every shape fixed by ``keeps`` (layer → rows
+    kept) — no host read-back, so it can be captured as a CUDA graph."""
+    L = engine.spec.num_layers
+    ops = engine.ops
+    d = engine.spec.head_dim
+    group_size = engine.spec.num_heads // engine.spec.num_kv_heads
+    rows, must, group, pad = inp.rows, inp.must, inp.group, inp.pad
+    n = rows.numel()
+    probe, deviations = None, {}
+    pos = kpos[rows]
+    pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
+    attn_plan = (ops.plan(pos, kpos, d, True, group_size, engine.scaling)
+                 if context_group is None else engine.group_plan(pos, kpos, context_group))
+    h = engine.embed(inp.ids)
+    resid = None
+    for layer in range(L):
+        if ready is not None:  # this layer's cached K/V must have arrived
+            torch.cuda.current_stream().wait_event(ready[layer])
+        qkv = engine.layer_in(layer, h, resid)
+        keep_n = keeps.get(layer)
+        if keep_n is None and layer not in plan.record:
+            q, _, _ = engine.rope_rows(qkv, pos, pos32, K[layer], V[layer], rows32)
+        else:
+            q, k, v = engine.rope_rows(qkv, pos, pos32)
+            dev = ops.kv_deviation_at(k, v, K[layer], V[layer], rows32)
+            if layer in plan.record:
+                deviations[layer] = (rows, dev)
+            if keep_n is not None and keep_n < n:
+                keep = _select(dev, must, pad, group, keep_n, inp.group_keep.get(layer))
+                n = keep_n
+                rows, must, group, h = rows[keep], must[keep], group[keep], h[keep]
+                pad = pad[keep] if pad is not None else None
+                q, k, v = q[:, keep], k[:, keep], v[:, keep]
+                pos = kpos[rows]
+                pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
+                attn_plan = ops.plan(pos, kpos, d, True, group_size, engine.scaling)
+            ops.scatter_kv(K[layer], V[layer], rows, k, v)
+        if plan.probe_layer == layer:
+            probe = _attention_probs(engine, q, K[layer], kpos[None, :] <= pos[:, None])
+        if context_group is not None:
+            a = engine.attend_grouped(q, K[layer], V[layer], pos, kpos, context_group, attn_plan)
+        else:
+            a = ops.selective_attention(q, K[layer], V[layer], pos, kpos, engine.scaling,
+                                        k_sorted=True, plan=attn_plan)
+            a = a.transpose(0, 1).reshape(n, -1)
+        resid = engine.layer_out(layer, h, a)
+    # rows stay in slot order and the prompt's last token is always computed: the last real row
+    if inp.last_slot is None:
+        last = slice(n - 1, n)
+        hl, rl = h[last], resid[last]
+    else:
+        at = torch.searchsorted(rows, inp.last_slot)
+        hl, rl = h.index_select(0, at), resid.index_select(0, at)
+    logits = engine.lm_head(engine.final_hidden(hl, rl)).float()[0]
+    return LoopResult(logits, rows, probe, deviations)
+
+
+def upload_inputs(engine: Engine, ids: list[int], plan: SelectivePlan) -> LoopInputs:
+    """The rows' token ids, slots, flags and per-chunk budgets in one host→device copy."""
+    n0 = len(plan.rows)
+    groups = plan.groups if plan.groups is not None else np.full(n0, -1)
+    parts = [np.asarray(ids, dtype=np.int64)[plan.rows], plan.rows, plan.must.astype(np.int64),
+             groups]
+    for s in plan.selections:  # per-chunk budgets travel in the same upload
+        if s.group_keep is not None:
+            parts += [[np.iinfo(np.int64).max // 2], s.group_keep]
+    buf = upload(np.concatenate(parts), torch.int64, engine.device)
+    inp = LoopInputs(buf[:n0], buf[n0:2 * n0], buf[2 * n0:3 * n0].bool(), buf[3 * n0:4 * n0])
+    off = 4 * n0
+    for s in plan.selections:
+        if s.group_keep is not None:
+            inp.group_keep[s.layer] = buf[off:off + len(s.group_keep) + 1]
+            off += len(s.group_keep) + 1
+    return inp
+
+
+def loop_flops(engine: Engine, plan: SelectivePlan) -> tuple[float, int]:
+    """(FLOPs, token-layers computed) of a plan, from its host-known row counts. Attention
+    assumes each stage's rows see the mean number of keys of the first stage (an estimate:
+    which rows survive a selection is only known on the device)."""
+    L = engine.spec.num_layers
+    lin = linear_flops_per_token(engine.spec) / L
+    qkv_share = _qkv_share(engine)
+    n = len(plan.rows)
+    kavg = float(np.mean(plan.rows)) + 1.0 if n else 0.0
+    keeps = {s.layer: s.keep for s in plan.selections}
+    flops, computed = 0.0, 0
+    for layer in range(L):
+        keep = keeps.get(layer)
+        if keep is not None and keep < n:
+            flops += lin * qkv_share * (n - keep)  # Q/K/V of the rows dropped here
+            n = keep
+        computed += n
+        flops += lin * n + attention_flops(engine.spec, n, kavg) / L
+    return flops, computed
 
 
 @torch.inference_mode()
@@ -106,78 +231,13 @@ def selective_prefill(engine: Engine, ids: list[int], kv: KVCache, plan: Selecti
     ``context_group`` (APE) the rows attend with APE's adjustment on the contexts; keys need
     not be position-sorted then.
     """
-    L = engine.spec.num_layers
-    ops = engine.ops
-    d = engine.spec.head_dim
-    group_size = engine.spec.num_heads // engine.spec.num_kv_heads
-    K, V = kv.k, kv.v
-    kpos = kv.positions
-    n0 = len(plan.rows)
-    groups = plan.groups if plan.groups is not None else np.full(n0, -1)
-    host = np.concatenate([np.asarray(ids, dtype=np.int64)[plan.rows], plan.rows,
-                           plan.must.astype(np.int64), groups])
-    for s in plan.selections:  # per-chunk budgets travel in the same upload
-        if s.group_keep is not None:
-            host = np.concatenate([host, [np.iinfo(np.int64).max // 2], s.group_keep])
-    buf = upload(host, torch.int64, engine.device)
-    ids0, rows = buf[:n0], buf[n0:2 * n0]
-    must, group = buf[2 * n0:3 * n0].bool(), buf[3 * n0:4 * n0]
-    sel_by_layer, gk, off = {}, {}, 4 * n0
-    for s in plan.selections:
-        sel_by_layer[s.layer] = s
-        if s.group_keep is not None:
-            gk[s.layer] = buf[off:off + len(s.group_keep) + 1]
-            off += len(s.group_keep) + 1
-    lin = linear_flops_per_token(engine.spec) / L
-    qkv_share = _qkv_share(engine)
-    kavg = float(np.mean(plan.rows)) + 1.0 if n0 else 0.0  # mean keys a query sees (estimate)
-    flops, computed, n = 0.0, 0, n0
-    probe, deviations = None, {}
+    inp = upload_inputs(engine, ids, plan)
+    keeps = {s.layer: s.keep for s in plan.selections}
     with engine.lock:
-        pos = kpos[rows]
-        pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
-        attn_plan = (ops.plan(pos, kpos, d, True, group_size, engine.scaling)
-                     if context_group is None else engine.group_plan(pos, kpos, context_group))
-        h = engine.embed(ids0)
-        resid = None
-        for layer in range(L):
-            if ready is not None:  # this layer's cached K/V must have arrived
-                torch.cuda.current_stream().wait_event(ready[layer])
-            qkv = engine.layer_in(layer, h, resid)
-            sel = sel_by_layer.get(layer)
-            if sel is None and layer not in plan.record:
-                q, _, _ = engine.rope_rows(qkv, pos, pos32, K[layer], V[layer], rows32)
-            else:
-                q, k, v = engine.rope_rows(qkv, pos, pos32)
-                dev = ops.kv_deviation_at(k, v, K[layer], V[layer], rows32)
-                if layer in plan.record:
-                    deviations[layer] = (rows, dev)
-                if sel is not None and sel.keep < n:
-                    keep = _select(dev, must, group, sel, gk.get(layer))
-                    flops += lin * qkv_share * (n - sel.keep)  # Q/K/V of the dropped rows
-                    n = sel.keep
-                    rows, must, group, h = rows[keep], must[keep], group[keep], h[keep]
-                    q, k, v = q[:, keep], k[:, keep], v[:, keep]
-                    pos = kpos[rows]
-                    pos32, rows32 = pos.to(torch.int32), rows.to(torch.int32)
-                    attn_plan = ops.plan(pos, kpos, d, True, group_size, engine.scaling)
-                ops.scatter_kv(K[layer], V[layer], rows, k, v)
-            if plan.probe_layer == layer:
-                probe = _attention_probs(engine, q, K[layer], kpos[None, :] <= pos[:, None])
-            if context_group is not None:
-                a = engine.attend_grouped(q, K[layer], V[layer], pos, kpos, context_group,
-                                          attn_plan)
-            else:
-                a = ops.selective_attention(q, K[layer], V[layer], pos, kpos, engine.scaling,
-                                            k_sorted=True, plan=attn_plan)
-                a = a.transpose(0, 1).reshape(n, -1)
-            resid = engine.layer_out(layer, h, a)
-            computed += n
-            flops += lin * n + attention_flops(engine.spec, n, kavg) / L
-        # rows stay in slot order and the prompt's last token is always computed: last row
-        logits = engine.lm_head(engine.final_hidden(h[-1:], resid[-1:])).float()[0]
-    return SelectiveOutput(KVCache(K, V, kpos), logits, computed, flops, rows, probe,
-                           deviations)
+        res = run_loop(engine, kv.k, kv.v, kv.positions, inp, plan, keeps, ready, context_group)
+    flops, computed = loop_flops(engine, plan)
+    return SelectiveOutput(KVCache(kv.k, kv.v, kv.positions), res.logits, computed, flops,
+                           res.rows, res.probe, res.deviations)
 
 
 def _qkv_share(engine: Engine) -> float:

@@ -1,0 +1,222 @@
+"""CUDA graphs of the reuse path's layer loop.
+
+The selective loop launches about ten kernels per layer; for a small model the host needs more
+time to launch them than the GPU needs to run them, so the loop is bound by Python and the
+launch path, not by work. A captured CUDA graph replays the whole loop with one launch.
+
+A graph fixes every shape and address, so prompts are grouped into **buckets**: the prompt
+length is rounded up (≤ 1/16 extra, at least one spare slot) and so are the number of rows
+computed from layer 0 and the rows kept after each selection. Padding is inert by
+construction: padded key slots hold zeros at position 2³⁰ (no real query sees them), padded
+rows write only to the bucket's last slot (its "trash" slot, also at 2³⁰) and rank below every
+real row at a selection; the prompt's last token is found by its slot. A bucket may keep a few
+more rows than asked (never fewer), so its result is at least as close to full prefill.
+
+Each bucket owns a static K/V buffer the chunks are assembled into; after a replay the prompt's
+K/V is copied out (with room for the answer) so the next request can reuse the buffer. Graphs
+share one memory pool and are captured only for shapes seen ``min_uses`` times; the least
+recently used ones are dropped beyond ``max_graphs`` or ``max_bytes`` of static buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ctxcache.engine.kvcache import KVCache
+from ctxcache.engine.runner import Engine, upload
+from ctxcache.fusion.chunks import Source, _assemble_triton, device_resident
+from ctxcache.fusion.selective import (
+    LoopInputs, LoopResult, SelectiveOutput, SelectivePlan, loop_flops, run_loop,
+)
+from ctxcache.fusion.types import FusionContext
+
+FAR = 1 << 30  # position of padded slots: after every real position
+
+
+def bucket(n: int, floor: int = 64, rel: int = 16) -> int:
+    """``n`` rounded up to a multiple of max(floor, 2^⌈log2 n⌉ / rel)."""
+    step = max(floor, (1 << max(n - 1, 1).bit_length()) // rel)
+    return -(-n // step) * step
+
+
+@dataclass
+class _Static:
+    K: Tensor  # [L, H, Nb, D]
+    V: Tensor
+    nbytes: int
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: LoopInputs
+    kpos: Tensor
+    out: LoopResult
+    static: _Static
+
+
+class LoopGraphs:
+    def __init__(self, engine: Engine, max_graphs: int = 16, max_bytes: int | None = None,
+                 min_uses: int = 2):
+        self.engine = engine
+        self.max_graphs = max_graphs
+        if max_bytes is None:
+            max_bytes = int(0.15 * torch.cuda.get_device_properties(engine.device).total_memory)
+        self.max_bytes = max_bytes
+        self.min_uses = min_uses
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.statics: dict[int, _Static] = {}
+        self.seen: Counter = Counter()
+        self.stats = Counter()
+
+    # ------------------------------------------------------------------ policy
+    @staticmethod
+    def eligible(engine: Engine, sources, plan: SelectivePlan, context_group) -> bool:
+        return (engine.device.type == "cuda" and engine.ops.assemble_kv is not None
+                and context_group is None and plan.probe_layer is None and not plan.record
+                and all(s.group_keep is None for s in plan.selections)
+                and device_resident(engine, sources))
+
+    def _shape(self, n: int, plan: SelectivePlan) -> tuple[int, int, dict[int, int]]:
+        nb = bucket(n + 1, 256)
+        prev = n0b = bucket(max(len(plan.rows), 1))
+        keeps = {}
+        for s in sorted(plan.selections, key=lambda s: s.layer):
+            kb = min(bucket(max(s.keep, 1)), prev)
+            keeps[s.layer] = kb
+            prev = kb
+        return nb, n0b, keeps
+
+    def _static(self, nb: int) -> _Static:
+        st = self.statics.get(nb)
+        if st is None:
+            s, e = self.engine.spec, self.engine
+            K = torch.zeros(s.num_layers, s.num_kv_heads, nb, s.head_dim, dtype=e.dtype,
+                            device=e.device)
+            st = self.statics[nb] = _Static(K, torch.zeros_like(K), 2 * K.numel() *
+                                            K.element_size())
+        return st
+
+    def _evict(self) -> None:
+        used = sum(st.nbytes for st in self.statics.values())
+        while self.graphs and (len(self.graphs) > self.max_graphs or used > self.max_bytes):
+            _, g = self.graphs.popitem(last=False)
+            self.stats["evicted"] += 1
+            if not any(o.static is g.static for o in self.graphs.values()):
+                self.statics = {k: v for k, v in self.statics.items() if v is not g.static}
+                used -= g.static.nbytes
+
+    # ------------------------------------------------------------------ run
+    @torch.inference_mode()
+    def run(self, ctx: FusionContext, ids: list[int], sources: list[Source],
+            plan: SelectivePlan) -> tuple[SelectiveOutput, KVCache] | None:
+        """The loop through a graph of its bucket, or None (then the caller runs it eagerly)."""
+        engine = self.engine
+        n = len(ids)
+        nb, n0b, keeps = self._shape(n, plan)
+        key = (nb, n0b, tuple(sorted(keeps.items())))
+        g = self.graphs.get(key)
+        if g is None:
+            self.seen[key] += 1
+            if self.seen[key] < self.min_uses:
+                self.stats["eager"] += 1
+                return None
+        with engine.lock:
+            static = g.static if g is not None else self._static(nb)
+            _assemble_triton(engine, static.K, static.V, n, sources, n_slots=nb)
+            host = self._host_inputs(ids, plan, n, nb, n0b)
+            staged = upload(host, torch.int64, engine.device)
+            if g is None:
+                res = self._capture(key, static, staged, plan, keeps, n0b, nb)
+            else:
+                self._fill(g, staged, n0b, nb)
+                g.graph.replay()
+                self.graphs.move_to_end(key)
+                self.stats["replays"] += 1
+                res = g.out
+            logits = res.logits.clone()
+            s = engine.spec
+            cap = n + max(0, int(ctx.reserve_tokens))
+            K = torch.empty(s.num_layers, s.num_kv_heads, cap, s.head_dim, dtype=engine.dtype,
+                            device=engine.device)
+            V = torch.empty_like(K)
+            K[:, :, :n].copy_(static.K[:, :, :n])
+            V[:, :, :n].copy_(static.V[:, :, :n])
+        flops, computed = loop_flops(engine, plan)
+        pos = torch.arange(cap, device=engine.device)
+        out = SelectiveOutput(KVCache(K[:, :, :n], V[:, :, :n], pos[:n]), logits, computed,
+                              flops, res.rows.clone())
+        return out, KVCache(K, V, pos)
+
+    @staticmethod
+    def _host_inputs(ids, plan: SelectivePlan, n: int, nb: int, n0b: int) -> np.ndarray:
+        n0 = len(plan.rows)
+        pad = n0b - n0
+        rows = np.concatenate([plan.rows, np.full(pad, nb - 1)])
+        tok = np.concatenate([np.asarray(ids, dtype=np.int64)[plan.rows], np.zeros(pad)])
+        must = np.concatenate([plan.must, np.zeros(pad, dtype=bool)])
+        padm = np.concatenate([np.zeros(n0, dtype=bool), np.ones(pad, dtype=bool)])
+        kpos = np.concatenate([np.arange(n), np.full(nb - n, FAR)])
+        return np.concatenate([tok, rows, must, padm, kpos, [n - 1]]).astype(np.int64)
+
+    @staticmethod
+    def _fill(g: _Graph, staged: Tensor, n0b: int, nb: int) -> None:
+        i = g.inputs
+        i.ids.copy_(staged[:n0b])
+        i.rows.copy_(staged[n0b:2 * n0b])
+        i.must.copy_(staged[2 * n0b:3 * n0b].bool())
+        i.pad.copy_(staged[3 * n0b:4 * n0b].bool())
+        g.kpos.copy_(staged[4 * n0b:4 * n0b + nb])
+        i.last_slot.copy_(staged[4 * n0b + nb:])
+
+    def _capture(self, key, static: _Static, staged: Tensor, plan: SelectivePlan,
+                 keeps: dict[int, int], n0b: int, nb: int) -> LoopResult:
+        """Run this request eagerly on fresh static inputs (it also warms up every kernel),
+        then capture the loop on them; replays of later requests refill the inputs."""
+        engine = self.engine
+        inputs = LoopInputs(staged[:n0b].clone(), staged[n0b:2 * n0b].clone(),
+                            staged[2 * n0b:3 * n0b].bool(), torch.full((n0b,), -1,
+                                                                      device=engine.device),
+                            staged[3 * n0b:4 * n0b].bool(), staged[4 * n0b + nb:].clone())
+        kpos = staged[4 * n0b:4 * n0b + nb].clone()
+        res = run_loop(engine, static.K, static.V, kpos, inputs, plan, keeps)
+        logits = res.logits.clone()
+        rows = res.rows.clone()
+        # the eager run changed the static K/V (recomputed rows); capture records, does not run
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.current_stream().synchronize()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = run_loop(engine, static.K, static.V, kpos, inputs, plan, keeps)
+        except RuntimeError:  # a kernel that cannot be captured here: stay eager for this shape
+            self.stats["capture_failed"] += 1
+            self.seen[key] = -(1 << 30)
+            return LoopResult(logits, rows, None, {})
+        self.graphs[key] = _Graph(graph, inputs, kpos, out, static)
+        self.stats["captures"] += 1
+        self._evict()
+        return LoopResult(logits, rows, None, {})
+
+    def describe(self) -> dict:
+        return {"graphs": len(self.graphs), "static_bytes": sum(
+            s.nbytes for s in self.statics.values()), **self.stats}
+
+
+def loop_graphs(engine: Engine) -> LoopGraphs | None:
+    """The engine's graph cache (created on first use), or None where graphs do not apply:
+    CPU, the torch ops, or ``CTXCACHE_CUDA_GRAPHS=0``."""
+    if engine.device.type != "cuda" or engine.ops.assemble_kv is None:
+        return None
+    if os.environ.get("CTXCACHE_CUDA_GRAPHS", "1") in ("0", "false", "off"):
+        return None
+    g = getattr(engine, "_loop_graphs", None)
+    if g is None:
+        g = engine._loop_graphs = LoopGraphs(engine)
+    return g
