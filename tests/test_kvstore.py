@@ -396,3 +396,30 @@ def test_batch_put_and_get():
                            for i in range(4)], model=MODEL, namespace="batch")
     got = store.get_many(keys, "batch")
     assert [g.token_ids.tolist() for g in got] == [ids_for(8, 200 + i) for i in range(4)]
+
+
+def test_pinned_pool_reuses_merges_and_bounds_memory():
+    """Blocks come from a few slabs, are released when the last tensor carved from them is
+    gone, reused after the next fence, merged with free neighbours, and never exceed max."""
+    import gc
+
+    from ctxcache.kv.pinned import PinnedPool, carve, carved_size
+
+    pool = PinnedPool(max_bytes=4096, slab_bytes=2048, pin=False)
+    like = {"k": torch.zeros(2, 3, 8), "v": torch.zeros(2, 3, 8, dtype=torch.float16)}
+    need = carved_size(like)
+    assert need == 512
+    blocks = [pool.alloc(need) for _ in range(8)]
+    assert all(b is not None for b in blocks) and pool.stats()["slabs"] == 2
+    assert pool.alloc(need) is None, "never beyond max_bytes"
+    t = carve(pool, blocks[0], like)
+    t["k"].fill_(3.0)
+    assert t["k"].dtype == torch.float32 and t["v"].shape == (2, 3, 8)
+    assert blocks[0].view.view(torch.float32)[:48].eq(3.0).all(), "carved in place"
+    del t
+    gc.collect()
+    pool.release(blocks[1])
+    assert pool.stats()["in_use_bytes"] == 6 * need
+    again = pool.alloc(2 * need)  # the two released neighbours merge into one free range
+    assert again is not None and again.slab == 0 and again.offset == 0
+    assert pool.stats()["slabs"] == 2

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -163,15 +164,16 @@ class Engine:
         vals = self.check_ids(token_ids)
         return upload(vals, torch.long, self.device)
 
-    def check_ids(self, token_ids: Sequence[int]) -> list[int]:
-        """Host-side validation of a token list (no device work): ints in the vocabulary."""
+    def check_ids(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Host-side validation of token ids (no device work): integers in the vocabulary.
+        Returns them as an int64 array."""
         try:
-            vals = [int(t) for t in token_ids]
+            vals = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         except (TypeError, ValueError, OverflowError) as e:
             raise InvalidInputError(f"token ids must be integers: {e}") from None
-        if not vals:
+        if not vals.size:
             raise InvalidInputError("empty prompt: at least one token is required")
-        self._check_range(min(vals), max(vals))
+        self._check_range(int(vals.min()), int(vals.max()))
         return vals
 
     def _check_range(self, lo: int, hi: int) -> None:

@@ -30,7 +30,7 @@ from ctxcache.engine.flops import prefill_flops
 from ctxcache.engine.runner import ContextGroup, upload
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import Source, chunk_kv, full_flops
+from ctxcache.fusion.chunks import Source, chunk_kv, full_flops, ids_array
 from ctxcache.fusion.execute import execute
 from ctxcache.fusion.selective import SelectivePlan
 from ctxcache.kv.keys import chunk_key
@@ -92,7 +92,8 @@ class APE(FusionStrategy):
         group = ContextGroup(s, past, self.temperature, self.scale)
         pos = upload(np.concatenate(positions), torch.long, engine.device)
         rows = np.arange(past, n_all)
-        ex = execute(ctx, ids, sources, SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
+        ex = execute(ctx, ids_array(pieces), sources,
+                     SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
                      timer, positions=pos, context_group=group if contexts else None)
         out = ex.out
         n, L = len(ids), engine.spec.num_layers

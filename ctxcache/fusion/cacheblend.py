@@ -20,7 +20,7 @@ import numpy as np
 
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStats, FusionStrategy, Segment
-from ctxcache.fusion.chunks import Piece, cached_mask, full_flops, lookup
+from ctxcache.fusion.chunks import Piece, cached_mask, full_flops, ids_array, lookup
 from ctxcache.fusion.execute import execute
 from ctxcache.fusion.selective import (
     Selection, SelectiveOutput, SelectivePlan, keep_count, ratio_schedule,
@@ -67,7 +67,7 @@ class CacheBlend(FusionStrategy):
             _, sources = lookup(ctx, pieces, stats)
         cached = cached_mask(len(ids), sources)
         plan = self.plan(pieces, cached, engine.spec.num_layers)
-        ex = execute(ctx, ids, sources, plan, timer)
+        ex = execute(ctx, ids_array(pieces), sources, plan, timer)
         fill_stats(stats, ctx, ids, cached, plan, ex.out)
         stats.extra["cuda_graph"] = ex.graph
         return FusionResult(ex.out.kv, ex.out.logits, stats, token_ids=ids, storage=ex.storage)

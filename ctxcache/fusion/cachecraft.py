@@ -37,7 +37,7 @@ from ctxcache.engine.flops import prefill_flops
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
 from ctxcache.fusion.cacheblend import exact_prefix, fill_stats
-from ctxcache.fusion.chunks import Piece, cached_mask, load_chunk, lookup
+from ctxcache.fusion.chunks import Piece, cached_mask, ids_array, load_chunk, lookup
 from ctxcache.fusion.execute import execute
 from ctxcache.fusion.selective import Selection, SelectivePlan, keep_count, ratio_schedule
 from ctxcache.kv.keys import chunk_key
@@ -145,7 +145,7 @@ class CacheCraft(FusionStrategy):
         plan, kept = self._plan(pieces, chunk_pieces, cached, budgets, pre, L)
         if probing:
             plan.probe_layer = L // 2
-        ex = execute(ctx, ids, sources, plan, timer)
+        ex = execute(ctx, ids_array(pieces), sources, plan, timer)
         out = ex.out
         with timer("learn"):
             self._learn(out, chunk_pieces)

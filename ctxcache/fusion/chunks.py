@@ -30,6 +30,11 @@ class Piece:
     token_ids: list[int]
     start: int  # first position in the prompt
     key: str | None = None  # standalone chunk key (chunks and prefixes)
+    arr: np.ndarray | None = None  # the same ids as int64 (validated once, hashed, uploaded)
+
+    def __post_init__(self) -> None:
+        if self.arr is None:
+            self.arr = np.asarray(self.token_ids, dtype=np.int64)
 
     @property
     def end(self) -> int:
@@ -65,13 +70,14 @@ def resolve(ctx: FusionContext, segments: Sequence[Segment]) -> list[Piece]:
                     f"chunk {seg.key} was computed by model {entry.meta.model!r}, not "
                     f"{engine.fingerprint!r}")
             ids = entry.token_ids.tolist()
-        ids = engine.check_ids(ids)  # host-side range check: no device round trip
+        arr = engine.check_ids(ids)  # host-side range check: no device round trip
         key = None
         if seg.role in ("chunk", "prefix"):
-            key = chunk_key(engine.fingerprint, ids)
+            key = chunk_key(engine.fingerprint, arr)
             if seg.key is not None and seg.key != key:
                 raise ChunkMismatchError(f"chunk key {seg.key} does not match its tokens")
-        pieces.append(Piece(seg.role, ids, pos, key))
+        pieces.append(Piece(seg.role, ids if isinstance(ids, list) else arr.tolist(), pos, key,
+                            arr))
         pos += len(ids)
     if pos + 1 > engine.spec.max_positions:
         raise InvalidInputError(f"prompt of {pos} tokens exceeds the model context")
@@ -81,8 +87,8 @@ def resolve(ctx: FusionContext, segments: Sequence[Segment]) -> list[Piece]:
             last.role, last.key = "text", None
         else:
             tail = last.token_ids[-1]
-            last.token_ids = last.token_ids[:-1]
-            last.key = chunk_key(engine.fingerprint, last.token_ids)
+            last.token_ids, last.arr = last.token_ids[:-1], last.arr[:-1]
+            last.key = chunk_key(engine.fingerprint, last.arr)
             pieces.append(Piece("text", [tail], last.end))
     return pieces
 
@@ -91,7 +97,11 @@ def all_ids(pieces: Sequence[Piece]) -> list[int]:
     return [t for p in pieces for t in p.token_ids]
 
 
-def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
+def ids_array(pieces: Sequence[Piece]) -> np.ndarray:
+    return np.concatenate([p.arr for p in pieces])
+
+
+def chunk_kv(ctx: FusionContext, ids, stats: FusionStats, *,
              prefix: KVCache | None = None, prefix_key: str | None = None,
              store_new: bool = True) -> tuple[str, KVCache]:
     """A chunk's cached K/V (encoded at positions 0.. or right after ``prefix``).
@@ -124,7 +134,7 @@ def chunk_kv(ctx: FusionContext, ids: list[int], stats: FusionStats, *,
 class PrefixState:
     """The prompt's leading prefix (system prompt): exact K/V at positions 0..s-1 and its key."""
 
-    ids: list[int]
+    ids: np.ndarray | list[int]
     kv: KVCache | None
     key: str | None
 
@@ -134,9 +144,10 @@ class PrefixState:
 
 
 def load_prefix(ctx: FusionContext, pieces: Sequence[Piece], stats: FusionStats) -> PrefixState:
-    ids = [t for p in pieces if p.role == "prefix" for t in p.token_ids]
-    if not ids:
+    parts = [p.arr for p in pieces if p.role == "prefix"]
+    if not parts:
         return PrefixState([], None, None)
+    ids = np.concatenate(parts)
     key, kv = chunk_kv(ctx, ids, stats)
     return PrefixState(ids, kv, key)
 
@@ -151,14 +162,15 @@ def load_chunk(ctx: FusionContext, piece: Piece, prefix: PrefixState, stats: Fus
     before the system prompt was known) it is used rather than recomputed.
     """
     engine = ctx.engine
+    ids = piece.arr
     if prefix.kv is not None:
-        ckey = chunk_key(engine.fingerprint, piece.token_ids, prefix.key)
+        ckey = chunk_key(engine.fingerprint, ids, prefix.key)
         if not ctx.store.contains(ckey, ctx.namespace) and ctx.store.contains(
                 piece.key, ctx.namespace):
             stats.extra["unconditioned_chunks"] = stats.extra.get("unconditioned_chunks", 0) + 1
-            return chunk_kv(ctx, piece.token_ids, stats)[1]
-        return chunk_kv(ctx, piece.token_ids, stats, prefix=prefix.kv, prefix_key=prefix.key)[1]
-    return chunk_kv(ctx, piece.token_ids, stats)[1]
+            return chunk_kv(ctx, ids, stats)[1]
+        return chunk_kv(ctx, ids, stats, prefix=prefix.kv, prefix_key=prefix.key)[1]
+    return chunk_kv(ctx, ids, stats)[1]
 
 
 Loader = Callable[[FusionContext, Piece, PrefixState, FusionStats], KVCache]

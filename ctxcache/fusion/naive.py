@@ -12,7 +12,7 @@ import numpy as np
 
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import cached_mask, full_flops, lookup
+from ctxcache.fusion.chunks import cached_mask, full_flops, ids_array, lookup
 from ctxcache.fusion.execute import execute
 from ctxcache.fusion.selective import SelectivePlan
 
@@ -27,7 +27,8 @@ class NaiveReuse(FusionStrategy):
             _, sources = lookup(ctx, pieces, stats)
         text = np.nonzero(~cached_mask(len(ids), sources))[0]
         # the text runs through all layers; chunk K/V stays as loaded
-        ex = execute(ctx, ids, sources, SelectivePlan(text, np.ones(text.size, dtype=bool)),
+        ex = execute(ctx, ids_array(pieces), sources,
+                     SelectivePlan(text, np.ones(text.size, dtype=bool)),
                      timer)
         n, t, L = len(ids), int(text.size), engine.spec.num_layers
         stats.prompt_tokens = n

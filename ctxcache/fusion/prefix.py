@@ -14,7 +14,7 @@ import numpy as np
 
 from ctxcache.engine.flops import prefill_flops
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.chunks import Source, full_flops
+from ctxcache.fusion.chunks import Source, full_flops, ids_array
 from ctxcache.fusion.execute import execute
 from ctxcache.fusion.selective import SelectivePlan
 from ctxcache.kv.keys import chunk_key
@@ -46,7 +46,8 @@ class PrefixReuse(FusionStrategy):
         n_past = pieces[n_hit].start if n_hit < len(pieces) else len(ids)
         rows = np.arange(n_past, len(ids))
         # exact: every row after the hits runs through all layers
-        ex = execute(ctx, ids, sources, SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
+        ex = execute(ctx, ids_array(pieces), sources,
+                     SelectivePlan(rows, np.ones(rows.size, dtype=bool)),
                      timer)
         out = ex.out
         # store the newly computed cacheable segments under their chained keys (write-behind:

@@ -24,8 +24,7 @@ def chunk_key(model_fingerprint: str, token_ids: Sequence[int], prefix_key: str 
     """xxh3-128 hex digest of model fingerprint + token ids (+ the prefix it was encoded under)."""
     if not model_fingerprint:
         raise InvalidInputError("model fingerprint must be non-empty")
-    ids = np.asarray(list(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids,
-                     dtype=np.int64)
+    ids = np.asarray(token_ids, dtype=np.int64)
     if ids.size == 0:
         raise InvalidInputError("cannot key an empty chunk")
     h = xxhash.xxh3_128()

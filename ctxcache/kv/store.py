@@ -281,10 +281,23 @@ class KVStore:
         key = self.key_for(model, ids, kw.get("prefix_key"))
         skey = f"{PUBLIC_NAMESPACE if public else namespace}/{key}"
         snap = kv.clone()
+        ready = None
+        if snap.k.is_cuda:  # the writer copies on its own stream once the snapshot exists
+            ready = torch.cuda.Event()
+            ready.record()
 
         def run():
             try:
-                return self.put(snap, ids, model=model, namespace=namespace, public=public, **kw)
+                if ready is None:
+                    return self.put(snap, ids, model=model, namespace=namespace, public=public,
+                                    **kw)
+                stream = self._write_stream(snap.k.device)
+                with torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    key = self.put(snap, ids, model=model, namespace=namespace, public=public,
+                                   **kw)
+                    stream.synchronize()  # visible to readers only once fully copied
+                return key
             finally:
                 with self._lock:
                     if self._pending.get(skey) is fut:
@@ -294,6 +307,14 @@ class KVStore:
             fut = self._writer.submit(run)
             self._pending[skey] = fut
         return fut
+
+    def _write_stream(self, device) -> "torch.cuda.Stream":
+        """The write-behind thread's CUDA stream: its device→host copies overlap the compute
+        of the next request instead of queueing behind it on the compute stream."""
+        s = getattr(self, "_wstream", None)
+        if s is None:
+            s = self._wstream = torch.cuda.Stream(device=device)
+        return s
 
     def flush(self) -> None:
         """Wait for every write-behind put."""
