@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -36,6 +37,8 @@ from ctxcache.service.schemas import (
     DocumentsRequest, FlushRequest, KeyRequest, RagRequest,
 )
 from ctxcache.service.settings import Settings
+
+log = logging.getLogger("ctxcache.gateway")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -169,6 +172,16 @@ class Gateway:
             self.store = KVStore(tiers, eviction=s.kv_eviction, codec=s.kv_codec)
         planner = Planner(default_strategies(cacheblend={"recompute_ratio": s.recompute_ratio}),
                           default=s.strategy)
+        if s.cost_model == "on":  # in the background: serving starts at once, guarded once ready
+            from ctxcache.fusion.costmodel import load_or_calibrate
+
+            def calibrate() -> None:
+                try:
+                    planner.cost_model = load_or_calibrate(engine, planner.strategies)
+                except Exception:  # noqa: BLE001 - without a cost model the planner still works
+                    log.exception("cost model calibration failed; reuse runs unguarded")
+
+            threading.Thread(target=calibrate, name="cost-model", daemon=True).start()
         return EmbeddedBackend(engine, self.store, planner)
 
     def _make_semantic(self):
@@ -734,7 +747,7 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
             out["kv"] = gw.store.stats()
         planner = getattr(gw.backend, "planner", None)
         if planner is not None:
-            out["planner"] = {"default": planner.default, "fidelity": planner.report()}
+            out["planner"] = planner.describe()
         return out
 
     @app.post("/v1/cache/flush")

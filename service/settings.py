@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     kv_eviction: Literal["lru", "gdsf"] = "gdsf"
     strategy: str = "cacheblend"  # default reuse strategy, or "auto"
     recompute_ratio: float = 0.15
+    # time full prefill and each strategy on this engine once (cached on disk) so that `auto`
+    # and the default strategy fall back to full prefill where reuse would be slower
+    cost_model: Literal["on", "off"] = "on"
     chunk_tokens: int = 256
 
     semantic_cache: bool = True

@@ -11,6 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run on CPU through the interpreter in tests (set before triton is imported);
 # the engine still defaults to the torch ops on CPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Gateways started by the tests skip the start-up timing of strategies (it would compete with
+# the tests for the CPU); tests/test_fusion.py calibrates a cost model on its own.
+os.environ.setdefault("CTXCACHE_COST_MODEL", "off")
 
 
 @pytest.fixture(scope="session")

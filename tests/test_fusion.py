@@ -228,3 +228,35 @@ def test_flops_accounting(ctx, engine):
     f = {k: v.stats.compute_fraction for k, v in rs.items()}
     assert f["full"] == 1.0
     assert f["naive"] < f["cb15"] < f["cb50"] < 1.0
+
+
+def test_cost_model_calibrates_and_guards_reuse(tiny_engines):
+    """Calibration times full prefill and each strategy on this engine; the planner then serves
+    full prefill wherever reuse is predicted slower, and the fastest proven strategy otherwise."""
+    from ctxcache.fusion.costmodel import CostModel, calibrate, lengths_for
+
+    eng = tiny_engines["tiny-llama"]
+    strategies = default_strategies()
+    cm = calibrate(eng, strategies, repeat=1)
+    assert set(cm.coeffs) >= {"full", "naive", "cacheblend"}
+    assert len(cm.measured) == len(lengths_for(eng)) * len(cm.coeffs)
+    assert all(r["s"] > 0 for r in cm.measured)
+    assert CostModel.from_json(cm.to_json()).coeffs == cm.coeffs
+    # a model where reuse always costs more than full prefill: every choice becomes full
+    slow = CostModel({"full": [0.001, 1e-6, 0.0], "naive": [1.0, 0.0, 0.0],
+                      "cacheblend": [1.0, 0.0, 0.0]})
+    planner = Planner(strategies, default="cacheblend", sample_rate=0.0, cost_model=slow)
+    ctx = FusionContext(eng, KVStore([MemoryTier(1 << 26)]))
+    s = [Segment.prefix([1, 2, 3]), Segment.chunk(list(range(5, 40))), Segment.text([7, 8])]
+    assert planner.run(ctx, s).stats.extra["planner"]["served"] == "full"
+    assert planner.run(ctx, s, requested="cacheblend").stats.strategy == "cacheblend"
+    fast = CostModel({"full": [0.5, 0.005, 0.0], "naive": [0.01, 0.0, 0.0],
+                      "cacheblend": [0.1, 0.0, 0.0]})
+    auto = Planner(strategies, default="auto", min_samples=1, min_top1=0.0, sample_rate=0.0,
+                   cost_model=fast)
+    auto.tracker.record("naive", 0.1, True)
+    auto.tracker.record("cacheblend", 0.01, True)
+    assert auto.run(ctx, s).stats.extra["planner"]["served"] == "naive"
+    assert auto.describe()["served"] == {"naive": 1}
+    # missing chunks are built on the way: a cold prompt counts their prefill
+    assert fast.predict("naive", 100, missing=50) == fast.predict("naive", 100) + 0.25
