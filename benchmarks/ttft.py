@@ -32,8 +32,11 @@ from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from ctxcache.engine import Engine  # noqa: E402
 from ctxcache.engine.flops import prefill_flops  # noqa: E402
 from ctxcache.fusion import (  # noqa: E402
-    APE, CacheBlend, CacheCraft, FullPrefill, FusionContext, NaiveReuse, PrefixReuse, Segment,
+    APE, CacheBlend, CacheCraft, FullPrefill, FusionContext, NaiveReuse, Planner, PrefixReuse,
+    Segment, default_strategies,
 )
+from ctxcache.fusion.costmodel import calibrate  # noqa: E402
+from ctxcache.fusion.execute import graph_stats  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
 GiB = 1 << 30
@@ -91,7 +94,8 @@ def make_prompt(total: int, seed: int, vocab: int, chunk: tuple[int, int] = (512
 
 
 def timed(fn, repeat: int) -> float:
-    fn()  # cold/warm-up (builds chunk caches, compiles kernels)
+    for _ in range(2):  # cold/warm-up: builds chunk caches, compiles kernels, captures graphs
+        fn()
     sync()
     ts = []
     for _ in range(repeat):
@@ -119,6 +123,11 @@ def main() -> None:
     print(f"hardware: {hw}")
     engine = Engine.load(args.model, device="cuda", dtype="bf16", kernels="triton")
     torch_engine = Engine(engine.loaded, kernels="torch")
+    cost_model = None
+    if not args.strategies or "default + cost guard" in args.strategies:
+        t0 = time.perf_counter()
+        cost_model = calibrate(engine, default_strategies())
+        print(f"cost model calibrated in {time.perf_counter() - t0:.1f} s: {cost_model.coeffs}")
     spec = engine.spec
     kv_per_tok = spec.kv_bytes_per_token(torch.bfloat16)
     rows = []
@@ -150,6 +159,10 @@ def main() -> None:
                         ("cacheblend 30%", CacheBlend(0.30), engine),
                         ("cacheblend 15% (torch ops)", CacheBlend(0.15), torch_engine),
                         ("cachecraft 15%", cc, engine), ("ape", APE(), engine),
+                        # the default configuration: cacheblend unless predicted slower
+                        ("default + cost guard", Planner(default_strategies(),
+                                                         sample_rate=0.0,
+                                                         cost_model=cost_model), engine),
                         # last: every prefix call stores new entries (pinned allocations)
                         ("prefix", PrefixReuse(), engine)]
             if args.strategies:
@@ -169,7 +182,8 @@ def main() -> None:
                         mid = segs[1:-1][:]  # system prompt is a prefix hit
                         rng.shuffle(mid)
                         prompt = [segs[0]] + mid + [segs[-1]]
-                    r = strat.build(c, prompt)
+                    r = strat.run(c, prompt) if isinstance(strat, Planner) else strat.build(
+                        c, prompt)
                     r.logits.argmax().item()
                     res["r"] = r
 
@@ -185,6 +199,7 @@ def main() -> None:
                     "reused_tokens": st.reused_tokens,
                     "phases": {k: round(v, 5) for k, v in st.phases.items()},
                     "preselected": st.extra.get("preselected"),
+                    "cuda_graph": st.extra.get("cuda_graph"), "served": st.strategy,
                 })
                 print(f"  {n} {mode} {name}: {t * 1e3:.1f} ms ({t_full / t:.2f}x)", flush=True)
             store.close()
@@ -208,10 +223,13 @@ def main() -> None:
                 [[r["context"], r["mode"], r["strategy"], r["ttft_s"] * 1e3,
                   r["speedup_vs_full"], r["speedup_vs_hf"], r["compute_fraction"],
                   r["floor_s"] * 1e3, r["fraction_of_floor"]] for r in rows])
+    print(f"graph cache: {graph_stats(engine)}")
     tag = os.path.basename(args.model.split(":")[-1].rstrip("/")).removesuffix(".gguf")
     path = write_json(f"ttft_{tag}", {"benchmark": "ttft", "model": args.model, "chunk": chunk,
                                       "hardware": hw, "env": environment("cuda"),
-                                      "rows": rows}, args.out)
+                                      "cost_model": cost_model.coeffs if cost_model else None,
+                                      "graph_cache": graph_stats(engine), "rows": rows},
+                      args.out)
     plot(rows, path.with_suffix(".png"))
 
 
