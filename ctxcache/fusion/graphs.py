@@ -193,7 +193,7 @@ class LoopGraphs:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.current_stream().synchronize()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = run_loop(engine, static.K, static.V, kpos, inputs, plan, keeps)
         except RuntimeError:  # a kernel that cannot be captured here: stay eager for this shape
             self.stats["capture_failed"] += 1
