@@ -110,6 +110,15 @@ def main() -> None:
                      "torch_ms": tt * 1e3, "GBps": nbytes / t / 1e9,
                      "of_hbm": nbytes / t / 1e9 / hbm})
         torch.cuda.empty_cache()
+    for hq_, hkv_, d_ in ((14, 2, 64), (32, 8, 128)):  # Qwen2.5-0.5B and Llama-3-8B heads
+        for r in (0.004, 0.15, 1.0):
+            q, k, v, qp, kp = attention_inputs(8192, r, g, hq_, hkv_, d_, dev)
+            sub = slice(0, 2 * (hq_ // hkv_))
+            plan = ops.plan(qp, kp, d_, True, hq_ // hkv_, d_ ** -0.5)
+            out = ops.selective_attention(q, k, v, qp, kp, d_ ** -0.5, plan=plan)
+            ref = selective_attention_ref(q[sub], k[:2], v[:2], qp, kp, d_ ** -0.5)
+            checks.append((f"attention Hq={hq_} D={d_} r={r}", 8192,
+                           (ref.float() - out[sub].float()).abs().max().item()))
     fused_checks(ops, g, hbm, rows, checks)
     print_table("correctness at full size (max abs error; kv_deviation: max relative)",
                 ["kernel", "T", "error"], checks)

@@ -107,15 +107,33 @@ def _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, hi, kvh, skh, s
 
 
 @triton.jit
-def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
+def _attn_block_full(start_n, q, m_i, l_i, acc, K, V, kvh, skh, skt, svh, svt, qk_scale,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A key block every row of the tile sees: no position test, no masks."""
+    offs_d = tl.arange(0, D)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = tl.load(K + kvh * skh + offs_n[:, None] * skt + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + kvh * svh + offs_n[:, None] * svt + offs_d[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, bounds, scale, Tq, Tk, n_tiles,
                      sqh, sqt, skh, skt, svh, svt, soh, sot,
                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DYN_HI: tl.constexpr,
                      TK_CONST: tl.constexpr):
     # GQA packing: one program serves the GROUP query heads that share a K/V head, so each
     # K/V block is loaded once for all of them. Row r of the tile = (query r // GROUP,
-    # head kvh·GROUP + r % GROUP).
-    pid_m = tl.program_id(0)
+    # head kvh·GROUP + r % GROUP). Tiles run last-first: later queries see more keys, so the
+    # longest programs start first and the tail of the grid is short.
+    pid_m = n_tiles - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = rows // GROUP
@@ -129,9 +147,16 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     qk_scale = scale * 1.4426950408889634  # exp2 domain
-    if DYN_HI:  # skip key blocks past the block's last visible position (sorted keys)
-        hi = tl.load(kv_hi + pid_m)
-        for start_n in range(0, hi, BLOCK_N):
+    if DYN_HI:  # sorted keys: [0, lo) seen by every row, [lo, hi) by some, beyond by none
+        hi = tl.load(bounds + pid_m)
+        lo = tl.load(bounds + n_tiles + pid_m)
+        if HAS_BIAS:
+            lo = 0
+        lo = (lo // BLOCK_N) * BLOCK_N
+        for start_n in range(0, lo, BLOCK_N):
+            m_i, l_i, acc = _attn_block_full(start_n, q, m_i, l_i, acc, K, V, kvh, skh, skt,
+                                             svh, svt, qk_scale, D, BLOCK_N)
+        for start_n in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, hi,
                                         kvh, skh, skt, svh, svt, qk_scale, HAS_BIAS, D, BLOCK_N)
     else:  # the CPU interpreter (numpy 2) cannot loop to a runtime bound: constant bound
@@ -144,9 +169,15 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, kv_hi, scale, Tq, Tk,
              out.to(O.dtype.element_ty), mask=mmask[:, None])
 
 
-# Tile configuration of selective_attention on GPU (tuned on H100 with
+# Tile configurations of selective_attention on GPU, by head dim (tuned on H100 with
 # benchmarks/tune_attention.py; BLOCK sizes must be powers of two).
-ATTN_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
+ATTN_CONFIGS = {64: {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
+                128: {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}}
+ATTN_CONFIG = ATTN_CONFIGS[128]  # head dims without an entry
+
+
+def _config(d: int) -> dict:
+    return ATTN_CONFIGS.get(d, ATTN_CONFIG)
 
 
 def _blocks(d: int, device_type: str) -> tuple[int, int]:
@@ -154,7 +185,8 @@ def _blocks(d: int, device_type: str) -> tuple[int, int]:
         return 16, 16
     if d > 128:
         return 32, 32
-    return ATTN_CONFIG["block_m"], ATTN_CONFIG["block_n"]
+    c = _config(d)
+    return c["block_m"], c["block_n"]
 
 
 def _tile_m(d: int, device_type: str, group: int) -> int:
@@ -163,7 +195,9 @@ def _tile_m(d: int, device_type: str, group: int) -> int:
 
 def attention_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, k_sorted: bool | None = None,
                    group: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """Position tensors as int32 and, per tile of queries, how many keys can be visible.
+    """Position tensors as int32 and, per tile of queries, the key bounds [hi; lo]: keys at
+    index ≥ hi are visible to no row of the tile, keys below lo to every row (when keys are
+    position-sorted; otherwise hi = all keys, lo = 0).
 
     A tile holds ``BLOCK_M // group`` queries (× their ``group`` heads). Depends only on
     positions, so a layer loop computes it once per set of active tokens.
@@ -177,13 +211,18 @@ def attention_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, k_sorted: bool |
         k_sorted = bool(torch.all(kp[1:] >= kp[:-1])) if tk > 1 else True
     if k_sorted and tk and tq:
         # tile j holds rows j·BM … (j+1)·BM−1, i.e. queries row // group (any group size)
-        qi = (torch.arange(n_mb * block_m, device=qp.device) // group).clamp_max(tq - 1)
-        valid = torch.arange(n_mb * block_m, device=qp.device) // group < tq
-        tile_max = torch.where(valid, qp[qi], -1).view(n_mb, block_m).amax(1)
-        hi = torch.searchsorted(kp, tile_max, right=True).to(torch.int32)
+        r = torch.arange(n_mb * block_m, device=qp.device)
+        qi = (r // group).clamp_max(tq - 1)
+        valid = r // group < tq
+        tq_pos = qp[qi]
+        tile_max = torch.where(valid, tq_pos, -1).view(n_mb, block_m).amax(1)
+        tile_min = torch.where(valid, tq_pos, 2147483647).view(n_mb, block_m).amin(1)
+        bounds = torch.searchsorted(kp, torch.stack([tile_max, tile_min]), right=True)
+        bounds = bounds.to(torch.int32).reshape(-1)
     else:
-        hi = torch.full((n_mb,), tk, dtype=torch.int32, device=qp.device)
-    return qp, kp, hi
+        bounds = torch.cat([torch.full((n_mb,), tk, dtype=torch.int32, device=qp.device),
+                            torch.zeros(n_mb, dtype=torch.int32, device=qp.device)])
+    return qp, kp, bounds
 
 
 def auto_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, k_sorted: bool | None = None,
@@ -222,16 +261,19 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
         return out
     BLOCK_N = _blocks(d, q.device.type)[1]
     BLOCK_M = _tile_m(d, q.device.type, group)
-    qp, kp, hi = plan if plan is not None else attention_plan(q_pos, k_pos, d, k_sorted, group)
+    qp, kp, bounds = plan if plan is not None else attention_plan(q_pos, k_pos, d, k_sorted,
+                                                                 group)
+    n_tiles = bounds.numel() // 2
     bias = key_bias.to(torch.float32).contiguous() if key_bias is not None else kp
-    _sel_attn_kernel[(hi.numel(), hkv)](
-        q, k, v, out, qp, kp, bias, hi, scale, tq, tk,
+    cuda = q.device.type == "cuda"
+    cfg = _config(d)
+    _sel_attn_kernel[(n_tiles, hkv)](
+        q, k, v, out, qp, kp, bias, bounds, scale, tq, tk, n_tiles,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group, HAS_BIAS=key_bias is not None, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        DYN_HI=q.device.type == "cuda", TK_CONST=0 if q.device.type == "cuda" else tk,
-        num_warps=ATTN_CONFIG["num_warps"] if q.device.type == "cuda" else 1,
-        num_stages=ATTN_CONFIG["num_stages"] if q.device.type == "cuda" else 1)
+        DYN_HI=cuda, TK_CONST=0 if cuda else tk,
+        num_warps=cfg["num_warps"] if cuda else 1, num_stages=cfg["num_stages"] if cuda else 1)
     return out
 
 
@@ -730,11 +772,12 @@ def split_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, group_size: int,
     """``attention_plan`` plus a key-split table for the split-K kernel: used when the query
     set is too small to fill the GPU (naive reuse, the question of a RAG prompt, decoding)
     and for APE's two-group attention (``context`` = (start, end, temperature))."""
-    qp, kp, hi = attention_plan(q_pos, k_pos, head_dim, k_sorted if context is None else False,
-                                group_size)
+    qp, kp, bounds = attention_plan(q_pos, k_pos, head_dim,
+                                    k_sorted if context is None else False, group_size)
     bn = _blocks(head_dim, q_pos.device.type)[1]
-    table = _split_table(q_pos.device, k_pos.numel(), hi.numel(), bn, float(scale), context)
-    return qp, kp, hi, table
+    table = _split_table(q_pos.device, k_pos.numel(), bounds.numel() // 2, bn, float(scale),
+                         context)
+    return qp, kp, bounds, table
 
 
 def split_attention(q: Tensor, k: Tensor, v: Tensor, plan, log_scale: float | None = None,
@@ -747,7 +790,8 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, plan, log_scale: float | No
     out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
     if tq == 0:
         return out
-    qp, kp, hi, (slo, shi, sscale, sgrp, n_split) = plan
+    qp, kp, bounds, (slo, shi, sscale, sgrp, n_split) = plan
+    hi = bounds[:bounds.numel() // 2]
     BLOCK_N = _blocks(d, q.device.type)[1]
     BLOCK_M = _tile_m(d, q.device.type, group)
     op = torch.empty(n_split, tq, hq, d, dtype=torch.float32, device=q.device)
@@ -758,7 +802,7 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, plan, log_scale: float | No
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         GROUP=group, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DYN=cuda,
         TK_CONST=0 if cuda else tk, num_warps=4 if cuda else 1,
-        num_stages=ATTN_CONFIG["num_stages"] if cuda else 1)
+        num_stages=_config(d)["num_stages"] if cuda else 1)
     n_rows = tq * hq
     BLOCK = 16 if cuda else 8
     t_out = out.permute(1, 0, 2)  # [Tq, Hq, D] storage

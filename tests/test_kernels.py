@@ -242,20 +242,24 @@ def test_grouped_attention_is_plain_attention_without_adjustment():
 
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (7, 1), (8, 2)])
 def test_attention_plan_bounds_cover_every_visible_key(hq, hkv):
-    """The per-tile key bound (used on GPU to skip blocks) never cuts a visible key."""
+    """The per-tile key bounds (used on GPU to skip blocks and masks) never cut a visible key:
+    hi covers every key some row sees, and every key below lo is seen by all rows."""
     from ctxcache.kernels.triton_ops import _tile_m, attention_plan
 
     tq, tk, d = 45, 300, 16
     qp = torch.sort(torch.randperm(tk, generator=G)[:tq]).values
     kp = torch.arange(tk)
     group = hq // hkv
-    _, _, hi = attention_plan(qp, kp, d, True, group)
+    _, _, bounds = attention_plan(qp, kp, d, True, group)
     bm = _tile_m(d, "cpu", group)
-    assert hi.numel() == -(-tq * group // bm)
-    for j in range(hi.numel()):
+    n_tiles = -(-tq * group // bm)
+    assert bounds.numel() == 2 * n_tiles
+    hi, lo = bounds[:n_tiles], bounds[n_tiles:]
+    for j in range(n_tiles):
         queries = {r // group for r in range(j * bm, (j + 1) * bm) if r // group < tq}
         need = max(int((kp <= qp[i]).sum()) for i in queries)
         assert int(hi[j]) >= need
+        assert all(bool((kp[: int(lo[j])] <= qp[i]).all()) for i in queries)
 
 
 @pytest.mark.parametrize("hq,hkv,tq,tk,d", [(4, 2, 3, 200, 16), (6, 2, 5, 150, 16),
