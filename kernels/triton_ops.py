@@ -171,7 +171,7 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, bounds, scale, Tq, Tk, n_tile
 
 # Tile configurations of selective_attention on GPU, by head dim (tuned on H100 with
 # benchmarks/tune_attention.py; BLOCK sizes must be powers of two).
-ATTN_CONFIGS = {64: {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3},
+ATTN_CONFIGS = {64: {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
                 128: {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}}
 ATTN_CONFIG = ATTN_CONFIGS[128]  # head dims without an entry
 
