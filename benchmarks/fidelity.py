@@ -5,11 +5,16 @@ gold paragraph and 3–9 other paragraphs of the same article (shuffled) + the q
 questions are drawn per article, so passages recur across prompts as in real RAG traffic (chunk
 caches are built on first sight and hit afterwards).
 
-Model: SmolLM2-135M-Instruct (fp32, CPU). For each strategy and recompute ratio: first-token KL
-vs full prefill, top-1 agreement, greedy match of the first 32 tokens (exact and prefix length),
-answer F1 vs the gold answers and vs the full-prefill answer, share of prefill FLOPs computed.
+Model: any (``--model``; SmolLM2-135M-Instruct fp32 on CPU by default, Qwen2.5-Coder-0.5B on
+the GPU for the figures that a 135M model is too weak to give). For each strategy and recompute
+ratio: first-token KL vs full prefill, top-1 agreement, greedy match of the first 32 tokens
+(exact and prefix length), answer F1 vs the gold answers and vs the full-prefill answer, share
+of prefill FLOPs computed. ``auto`` is the planner proving strategies by shadow full prefills as
+it serves (what it served is reported).
 
     python benchmarks/fidelity.py --prompts 100
+    python benchmarks/fidelity.py --model qwen2.5-coder-0.5b-instruct --device cuda --dtype bf16 \
+        --prompts 200
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from ctxcache.datasets import squad_dev  # noqa: E402
 from ctxcache.engine import Engine, SamplingParams  # noqa: E402
 from ctxcache.engine.generate import stream_from_kv  # noqa: E402
 from ctxcache.fusion import (  # noqa: E402
-    APE, CacheBlend, CacheCraft, FullPrefill, FusionContext, NaiveReuse, PrefixReuse, Segment,
-    first_token_kl,
+    APE, CacheBlend, CacheCraft, FullPrefill, FusionContext, NaiveReuse, Planner, PrefixReuse,
+    Segment, default_strategies, first_token_kl,
 )
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
@@ -97,7 +102,7 @@ def segments_for(engine: Engine, p: dict, order: list[int] | None = None) -> lis
 def greedy(engine: Engine, res, n: int) -> list[int]:
     out = []
     for c in stream_from_kv(engine, res.kv, res.logits, SamplingParams(max_tokens=n),
-                            context_group=res.context_group):
+                            context_group=res.context_group, storage=res.storage):
         if c.token_id is not None:
             out.append(c.token_id)
     return out
@@ -114,13 +119,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--ape-grid", action="store_true", help="also sweep APE T and S")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    engine = Engine.load()
-    store = KVStore([MemoryTier(8 << 30)])
-    ctx = FusionContext(engine, store)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    store = KVStore([MemoryTier(8 << 30, args.device)])
+    ctx = FusionContext(engine, store, reserve_tokens=args.tokens)
     prompts = build_prompts(args.prompts, args.per_article, args.seed, args.min_passages,
                             args.max_passages, args.max_para_chars)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -131,6 +139,8 @@ def main() -> None:
     if args.ape_grid:
         variants += [(f"ape T={t} S={s}", None, APE(t, s))
                      for t in (0.5, 0.7, 0.9, 1.0) for s in (0.7, 0.9, 1.0)]
+    auto = Planner(default_strategies(), default="auto", sample_rate=0.1, seed=args.seed)
+    variants.append(("auto", None, auto))
     full = FullPrefill()
     rows: dict[str, list[dict]] = collections.defaultdict(list)
     per_prompt = []
@@ -158,7 +168,7 @@ def main() -> None:
             if name in ("cacheblend", "cachecraft"):
                 label = f"{name} r={r:g}"
             t0 = time.perf_counter()
-            res = strat.build(ctx, segs)
+            res = strat.run(ctx, segs) if isinstance(strat, Planner) else strat.build(ctx, segs)
             dt = time.perf_counter() - t0
             ids = greedy(engine, res, args.tokens)
             text = engine.decode_ids(ids)
@@ -199,18 +209,22 @@ def main() -> None:
             "time_vs_full_cpu": mean([r["time_ratio"] for r in rs]),
         })
     print_table(
-        f"fidelity vs full prefill — SmolLM2-135M-Instruct, SQuAD dev, {len(prompts)} prompts "
+        f"fidelity vs full prefill — {engine.name} {args.dtype}, SQuAD dev, {len(prompts)} prompts "
         f"(mean {mean([r['tokens'] for r in per_prompt]):.0f} tokens)",
         ["strategy", "KL", "top-1", "greedy32 exact", "match tok", "F1 gold", "F1 vs full",
          "F1 % of full", "FLOPs share"],
         [[s["strategy"], s["first_token_kl"], s["top1_agreement"], s["greedy32_exact"],
           s["greedy_match_tokens"], s["f1_gold"], s["f1_vs_full_answer"],
           (s["f1_gold_share_of_full"] or 0) * 100, s["compute_fraction"]] for s in summary])
+    print(f"auto: {auto.describe()}")
     payload = {"benchmark": "fidelity", "model": engine.name, "prompts": len(prompts),
                "mean_prompt_tokens": mean([r["tokens"] for r in per_prompt]),
-               "env": environment("cpu"), "summary": summary, "args": vars(args),
-               "examples": per_prompt[:10], "wall_s": time.perf_counter() - t_start}
-    path = write_json("fidelity", payload, args.out)
+               "env": environment(args.device), "summary": summary, "args": vars(args),
+               "auto": auto.describe(), "examples": per_prompt[:10],
+               "wall_s": time.perf_counter() - t_start}
+    name = "fidelity" if args.model == "smollm2-135m-instruct" else \
+        "fidelity_" + os.path.basename(args.model.rstrip("/")).removesuffix(".gguf")
+    path = write_json(name, payload, args.out)
     plot(summary, ratios, path.with_suffix(".png"))
 
 

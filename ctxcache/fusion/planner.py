@@ -104,7 +104,8 @@ class Planner:
             n = proven[0]
             return n, n if self._rng.random() < self.sample_rate else None
         unproven = [n for n in cands if self.tracker.summary(n)["n"] < self.min_samples]
-        return "full", (unproven[0] if unproven else None)
+        # every unproven strategy gets evaluated in turn (random, so none starves)
+        return "full", (self._rng.choice(unproven) if unproven else None)
 
     @staticmethod
     def sizes(ctx: FusionContext, segments: Sequence[Segment]) -> tuple[int, int]:

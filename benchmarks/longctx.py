@@ -1,0 +1,235 @@
+"""Long-context retrieval with every reuse strategy: does the answer survive reuse at 4K–32K?
+
+Haystacks are real text: SQuAD v1.1 dev paragraphs (shipped in the ``bigbench`` package),
+grouped into retrieval chunks of about ``--chunk`` tokens. For each prompt one question is
+drawn; its gold paragraph is the *needle*, placed as its own chunk at a depth of 0–100 % of the
+context; the other chunks come from other articles (so only the needle answers the question).
+The prompt is the RAG layout the gateway uses: system prompt, chunks, question.
+
+Per (length, depth, strategy): accuracy (a gold answer appears in the greedy answer),
+agreement with full prefill (same answer correctness, and the same first tokens), TTFT on the
+GPU, and the share of prefill FLOPs computed. Chunk caches are warm (built on a first pass) as
+in steady-state RAG traffic. Writes JSON and one heat map (depth × length) per strategy.
+
+    python benchmarks/longctx.py --model qwen2.5-coder-0.5b-instruct --lengths 4096,8192,16384,32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from benchmarks.fidelity import SYSTEM, normalize  # noqa: E402
+from ctxcache.datasets import squad_dev  # noqa: E402
+from ctxcache.engine import Engine, SamplingParams  # noqa: E402
+from ctxcache.engine.generate import stream_from_kv  # noqa: E402
+from ctxcache.fusion import FusionContext, Planner, Segment, make_strategy  # noqa: E402
+from ctxcache.fusion import default_strategies  # noqa: E402
+from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
+
+STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
+              "cacheblend 5%": ("cacheblend", {"recompute_ratio": 0.05}),
+              "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15}),
+              "cacheblend 30%": ("cacheblend", {"recompute_ratio": 0.30}),
+              "cachecraft 15%": ("cachecraft", {"base_ratio": 0.15}),
+              "ape": ("ape", {}),
+              # APE's temperature / scale, for the sweep of the APE quality gate
+              "ape T=1 S=1": ("ape", {"temperature": 1.0, "scale": 1.0}),
+              "ape T=0.7 S=0.9": ("ape", {"temperature": 0.7, "scale": 0.9}),
+              "ape T=0.5 S=0.9": ("ape", {"temperature": 0.5, "scale": 0.9}),
+              "ape T=0.9 S=0.5": ("ape", {"temperature": 0.9, "scale": 0.5})}
+DEFAULT = ["full", "naive", "cacheblend 5%", "cacheblend 15%", "cacheblend 30%",
+           "cachecraft 15%", "ape", "auto"]
+
+
+def build_haystacks(engine: Engine, lengths: list[int], depths: list[float], per_cell: int,
+                    chunk: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    articles = squad_dev()
+    rng.shuffle(articles)
+    # tokenised paragraphs of every article, and questions whose answer is in their paragraph
+    paras = [(ai, p) for ai, a in enumerate(articles) for p in a["paragraphs"]]
+    toks = {id(p): engine.encode(f"{p['context']}\n\n") for _, p in paras}
+    qs = [(ai, p, qa) for ai, p in paras for qa in p["qas"] if len(qa["answers"][0]["text"]) < 40]
+    rng.shuffle(qs)
+    overhead = len(engine.encode(SYSTEM)) + 40
+    out, qi = [], 0
+    for n in lengths:
+        for depth in depths:
+            for _ in range(per_cell):
+                ai, gold, qa = qs[qi % len(qs)]
+                qi += 1
+                budget = n - overhead - len(toks[id(gold)])
+                fillers, cur, used = [], [], 0
+                pool = [p for a, p in paras if a != ai]
+                rng.shuffle(pool)
+                for p in pool:  # other articles' paragraphs, packed into ~chunk-token chunks
+                    t = toks[id(p)]
+                    if used + len(t) > budget:
+                        break
+                    cur += t
+                    used += len(t)
+                    if len(cur) >= chunk:
+                        fillers.append(cur)
+                        cur = []
+                if cur:
+                    fillers.append(cur)
+                at = round(depth * len(fillers))
+                chunks = fillers[:at] + [toks[id(gold)]] + fillers[at:]
+                out.append({"length": n, "depth": depth, "question": qa["question"],
+                            "answers": [a["text"] for a in qa["answers"]], "chunks": chunks})
+    return out
+
+
+def segments(engine: Engine, h: dict) -> list[Segment]:
+    segs = [Segment.prefix(engine.encode(SYSTEM))]
+    segs += [Segment.chunk(c) for c in h["chunks"]]
+    segs.append(Segment.text(engine.encode(
+        f"Question: {h['question']}<|im_end|>\n<|im_start|>assistant\n")))
+    return segs
+
+
+def answer(engine: Engine, res, n: int) -> list[int]:
+    return [c.token_id for c in stream_from_kv(engine, res.kv, res.logits,
+                                               SamplingParams(max_tokens=n),
+                                               context_group=res.context_group,
+                                               storage=res.storage) if c.token_id is not None]
+
+
+def correct(text: str, answers: list[str]) -> bool:
+    t = normalize(text)
+    return any(normalize(a) and normalize(a) in t for a in answers)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--per-cell", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--strategies", default=",".join(DEFAULT))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    # a "32K" haystack on a 32K-context model leaves room for the answer
+    lengths = [min(int(x), engine.spec.max_positions - args.tokens - 64)
+               for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    hay = build_haystacks(engine, lengths, depths, args.per_cell, args.chunk, args.seed)
+    names = args.strategies.split(",")
+    strats = {k: make_strategy(STRATEGIES[k][0], **STRATEGIES[k][1]) for k in names
+              if k in STRATEGIES}
+    auto = Planner(default_strategies(), default="auto", sample_rate=0.1,
+                   seed=args.seed) if "auto" in names else None
+    store = KVStore([MemoryTier(40 << 30, args.device)], eviction="lru")
+    ctx = FusionContext(engine, store, reserve_tokens=args.tokens)
+    cells: dict = collections.defaultdict(list)
+    t_start = time.perf_counter()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for i, h in enumerate(hay):
+        segs = segments(engine, h)
+        # warm pass (steady-state RAG traffic): chunk caches exist, Cache-Craft has seen them
+        for s in strats.values():
+            if s.name in ("naive", "cachecraft", "ape"):
+                s.build(ctx, segs)
+        ref_text, ref_ok = None, None
+        for name in list(strats) + (["auto"] if auto else []):
+            sync()
+            t0 = time.perf_counter()
+            res = auto.run(ctx, segs) if name == "auto" else strats[name].build(ctx, segs)
+            res.logits.argmax().item()
+            ttft = time.perf_counter() - t0
+            ids = answer(engine, res, args.tokens)
+            text = engine.decode_ids(ids)
+            ok = correct(text, h["answers"])
+            if name == "full":
+                ref_text, ref_ok = text, ok
+            cells[(name, h["length"], h["depth"])].append({
+                "ok": ok, "agree": (ok == ref_ok) if ref_ok is not None else None,
+                "same_text": text == ref_text if ref_text is not None else None,
+                "ttft_s": ttft, "compute": res.stats.compute_fraction,
+                "served": res.stats.strategy})
+        if (i + 1) % 10 == 0 or i == len(hay) - 1:
+            print(f"  {i + 1}/{len(hay)} prompts, {time.perf_counter() - t_start:.0f}s",
+                  flush=True)
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    summary = []
+    for name in list(strats) + (["auto"] if auto else []):
+        for n in lengths:
+            rs = [r for d in depths for r in cells[(name, n, d)]]
+            full_rs = [r for d in depths for r in cells[("full", n, d)]]
+            acc, full_acc = mean([r["ok"] for r in rs]), mean([r["ok"] for r in full_rs])
+            summary.append({
+                "strategy": name, "length": n, "n": len(rs), "accuracy": acc,
+                "accuracy_share_of_full": acc / full_acc if full_acc else None,
+                "agreement_with_full": mean([r["agree"] for r in rs]),
+                "same_answer_text": mean([r["same_text"] for r in rs]),
+                "ttft_ms": 1e3 * sorted(r["ttft_s"] for r in rs)[len(rs) // 2],
+                "compute_fraction": mean([r["compute"] for r in rs]),
+                "by_depth": {str(d): mean([r["ok"] for r in cells[(name, n, d)]])
+                             for d in depths},
+                "served": dict(collections.Counter(r["served"] for r in rs)),
+            })
+    print_table(f"long-context retrieval — {args.model} {args.dtype} on {args.device}, "
+                f"{args.per_cell} prompts per (length, depth)",
+                ["strategy", "length", "accuracy", "% of full", "agrees w/ full", "same text",
+                 "TTFT ms", "FLOPs share"],
+                [[s["strategy"], s["length"], s["accuracy"],
+                  100 * (s["accuracy_share_of_full"] or 0), s["agreement_with_full"],
+                  s["same_answer_text"], s["ttft_ms"], s["compute_fraction"]] for s in summary])
+    if auto is not None:
+        print(f"auto: {auto.describe()}")
+    tag = os.path.basename(args.model.rstrip("/")).removesuffix(".gguf")
+    path = write_json(f"longctx_{tag}", {
+        "benchmark": "longctx", "model": args.model, "dtype": args.dtype,
+        "env": environment(args.device), "args": vars(args), "summary": summary,
+        "auto": auto.describe() if auto else None, "wall_s": time.perf_counter() - t_start},
+        args.out)
+    plot(summary, lengths, depths, path.with_suffix(".png"))
+
+
+def plot(summary, lengths, depths, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(dict.fromkeys(s["strategy"] for s in summary))
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        grid = [[next(s for s in summary if s["strategy"] == name and s["length"] == n)
+                 ["by_depth"][str(d)] for n in lengths] for d in depths]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{int(d * 100)}%" for d in depths], fontsize=7)
+        ax.set_title(name, fontsize=8)
+        for yi, row in enumerate(grid):
+            for xi, v in enumerate(row):
+                ax.text(xi, yi, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+    axes[0][0].set_ylabel("needle depth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
