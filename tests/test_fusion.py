@@ -210,7 +210,7 @@ def test_planner_auto_falls_back_to_full_until_proven(ctx, engine):
     served = [planner.run(ctx, s).stats.extra["planner"]["served"] for _ in range(6)]
     assert served[0] == "full"
     report = planner.report()
-    assert report["naive"]["n"] >= 1
+    assert sum(v["n"] for v in report.values()) >= 1, "unproven strategies are shadow-checked"
     assert served[-1] != "full" or all(v["n"] < 2 or v["top1"] < 1.0 for v in report.values())
     with pytest.raises(InvalidInputError):
         planner.run(ctx, s, requested="nope")
