@@ -1,10 +1,13 @@
 """Long-context retrieval with every reuse strategy: does the answer survive reuse at 4K–32K?
 
 Haystacks are real text: SQuAD v1.1 dev paragraphs (shipped in the ``bigbench`` package),
-grouped into retrieval chunks of about ``--chunk`` tokens. For each prompt one question is
-drawn; its gold paragraph is the *needle*, placed as its own chunk at a depth of 0–100 % of the
-context; the other chunks come from other articles (so only the needle answers the question).
-The prompt is the RAG layout the gateway uses: system prompt, chunks, question.
+grouped into retrieval chunks of about ``--chunk`` tokens. The *needle* is a fact — a code with
+a random number for a named place ("The access code for the east tower is 48213.") — written
+into one real paragraph at a random sentence; that paragraph is its own chunk, placed at a depth
+of 0–100 % of the context. The question asks for the code, so the answer is unambiguous and a
+model that reads the context finds it (SQuAD's own questions would measure the model's reading
+comprehension, not the reuse). The prompt is the RAG layout the gateway uses: system prompt,
+chunks, question.
 
 Per (length, depth, strategy): accuracy (a gold answer appears in the greedy answer),
 agreement with full prefill (same answer correctness, and the same first tokens), TTFT on the
@@ -51,26 +54,41 @@ DEFAULT = ["full", "naive", "cacheblend 5%", "cacheblend 15%", "cacheblend 30%",
            "cachecraft 15%", "ape", "auto"]
 
 
+KINDS = ("access", "security", "storage", "entry", "vault", "alarm", "gate", "locker")
+PLACES = ("east tower", "north warehouse", "blue laboratory", "archive room", "marina office",
+          "old library", "river station", "west garage", "harbour depot", "signal house",
+          "glass pavilion", "stone chapel", "valley clinic", "copper mill", "summit hut")
+
+
+def needle(rng: random.Random, paragraph: str) -> tuple[str, str, str]:
+    """(paragraph with the fact written in, question, answer)."""
+    kind, place = rng.choice(KINDS), rng.choice(PLACES)
+    code = str(rng.randint(10000, 99999))
+    fact = f"The {kind} code for the {place} is {code}."
+    parts = paragraph.split(". ")
+    at = rng.randint(0, len(parts))
+    text = ". ".join(parts[:at] + [fact.rstrip(".")] + parts[at:])
+    return text, f"What is the {kind} code for the {place}?", code
+
+
 def build_haystacks(engine: Engine, lengths: list[int], depths: list[float], per_cell: int,
                     chunk: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     articles = squad_dev()
     rng.shuffle(articles)
-    # tokenised paragraphs of every article, and questions whose answer is in their paragraph
     paras = [(ai, p) for ai, a in enumerate(articles) for p in a["paragraphs"]]
     toks = {id(p): engine.encode(f"{p['context']}\n\n") for _, p in paras}
-    qs = [(ai, p, qa) for ai, p in paras for qa in p["qas"] if len(qa["answers"][0]["text"]) < 40]
-    rng.shuffle(qs)
     overhead = len(engine.encode(SYSTEM)) + 40
-    out, qi = [], 0
+    out = []
     for n in lengths:
         for depth in depths:
             for _ in range(per_cell):
-                ai, gold, qa = qs[qi % len(qs)]
-                qi += 1
-                budget = n - overhead - len(toks[id(gold)])
+                ai, host = rng.choice(paras)
+                text, question, code = needle(rng, host["context"])
+                gold = engine.encode(f"{text}\n\n")
+                budget = n - overhead - len(gold)
                 fillers, cur, used = [], [], 0
-                pool = [p for a, p in paras if a != ai]
+                pool = [p for _, p in paras if p is not host]
                 rng.shuffle(pool)
                 for p in pool:  # other articles' paragraphs, packed into ~chunk-token chunks
                     t = toks[id(p)]
@@ -84,9 +102,9 @@ def build_haystacks(engine: Engine, lengths: list[int], depths: list[float], per
                 if cur:
                     fillers.append(cur)
                 at = round(depth * len(fillers))
-                chunks = fillers[:at] + [toks[id(gold)]] + fillers[at:]
-                out.append({"length": n, "depth": depth, "question": qa["question"],
-                            "answers": [a["text"] for a in qa["answers"]], "chunks": chunks})
+                chunks = fillers[:at] + [gold] + fillers[at:]
+                out.append({"length": n, "depth": depth, "question": question,
+                            "answers": [code], "chunks": chunks})
     return out
 
 
