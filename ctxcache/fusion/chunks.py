@@ -280,9 +280,18 @@ def device_resident(engine, sources: Sequence[Source]) -> bool:
     return all(_on_device(src.kv.k, engine.device) for src in sources)
 
 
+def readable_in_place(engine, sources: Sequence[Source]) -> bool:
+    """Every span is in the engine's memory, or in page-locked host memory that its kernels
+    read directly (so one assembly launch needs no copies first)."""
+    return all(_on_device(src.kv.k, engine.device) or (
+        engine.device.type == "cuda" and src.kv.k.is_pinned() and src.kv.v.is_pinned()
+        and zero_copy_ok(engine.device)) for src in sources)
+
+
 def _assemble_triton(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Source],
-                     n_slots: int | None = None):
-    """Triton assembly of ``n`` prompt slots (plus zeroed slots up to ``n_slots``)."""
+                     n_slots: int | None = None, layerwise: bool = True):
+    """Triton assembly of ``n`` prompt slots (plus zeroed slots up to ``n_slots``). Spans in
+    host memory are read layer by layer on a side stream (``layerwise``) or in one launch."""
     from ctxcache.kernels.triton_ops import source_offsets
 
     dev = engine.device
@@ -311,7 +320,7 @@ def _assemble_triton(engine, K: Tensor, V: Tensor, n: int, sources: Sequence[Sou
     inv = engine.rope.inv_freq_on(dev)
     shift = bool(delta.any())
     L = engine.spec.num_layers
-    if not host:
+    if not host or not layerwise:
         engine.ops.assemble_kv(K, V, tables, n, inv, shift)
         return None
     cur = torch.cuda.current_stream(dev)

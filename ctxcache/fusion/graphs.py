@@ -30,13 +30,14 @@ from torch import Tensor
 
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.runner import Engine, upload
-from ctxcache.fusion.chunks import Source, _assemble_triton, device_resident
+from ctxcache.fusion.chunks import Source, _assemble_triton, device_resident, readable_in_place
 from ctxcache.fusion.selective import (
     LoopInputs, LoopResult, SelectiveOutput, SelectivePlan, loop_flops, run_loop,
 )
 from ctxcache.fusion.types import FusionContext
 
 FAR = 1 << 30  # position of padded slots: after every real position
+SMALL_KV_BYTES = 64 << 10  # K/V per token under which host chunks load before a graph replay
 
 
 def bucket(n: int, floor: int = 64, rel: int = 16) -> int:
@@ -79,10 +80,18 @@ class LoopGraphs:
     # ------------------------------------------------------------------ policy
     @staticmethod
     def eligible(engine: Engine, sources, plan: SelectivePlan, context_group) -> bool:
-        return (engine.device.type == "cuda" and engine.ops.assemble_kv is not None
+        """Plans whose shapes a graph can fix. Chunks in host memory qualify when the model's
+        K/V per token is small: loading them before the loop then costs less than the launch
+        overhead a graph removes; for large K/V the eager loop overlaps the load layer by
+        layer instead."""
+        if not (engine.device.type == "cuda" and engine.ops.assemble_kv is not None
                 and context_group is None and plan.probe_layer is None and not plan.record
-                and all(s.group_keep is None for s in plan.selections)
-                and device_resident(engine, sources))
+                and all(s.group_keep is None for s in plan.selections)):
+            return False
+        if device_resident(engine, sources):
+            return True
+        small = engine.spec.kv_bytes_per_token(engine.dtype) <= SMALL_KV_BYTES
+        return small and readable_in_place(engine, sources)
 
     def _shape(self, n: int, plan: SelectivePlan) -> tuple[int, int, dict[int, int]]:
         nb = bucket(n + 1, 256)
@@ -130,7 +139,8 @@ class LoopGraphs:
                 return None
         with engine.lock:
             static = g.static if g is not None else self._static(nb)
-            _assemble_triton(engine, static.K, static.V, n, sources, n_slots=nb)
+            _assemble_triton(engine, static.K, static.V, n, sources, n_slots=nb,
+                             layerwise=False)
             host = self._host_inputs(ids, plan, n, nb, n0b)
             staged = upload(host, torch.int64, engine.device)
             if g is None:
