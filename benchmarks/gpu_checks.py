@@ -128,7 +128,7 @@ def main() -> None:
     print(f"\nzero-copy pinned vs GPU-resident: {zc}")
     print(f"graph cache: {graph_stats(engine)}")
     print(f"\nFAILURES: {len(failures)}")
-    write_json("gpu_checks", {"benchmark": "gpu_checks", "model": args.model,
+    write_json("gpu_checks", {"benchmark": "gpu_checks", "model": engine.name,
                               "env": environment("cuda"), "graph_rows": rows,
                               "sync_rows": sync_rows, "zero_copy": zc,
                               "graph_cache": graph_stats(engine), "failures": failures},

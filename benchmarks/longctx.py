@@ -217,7 +217,7 @@ def main() -> None:
         print(f"auto: {auto.describe()}")
     tag = os.path.basename(args.model.rstrip("/")).removesuffix(".gguf")
     path = write_json(f"longctx_{tag}", {
-        "benchmark": "longctx", "model": args.model, "dtype": args.dtype,
+        "benchmark": "longctx", "model": engine.name, "dtype": args.dtype,
         "env": environment(args.device), "args": vars(args), "summary": summary,
         "auto": auto.describe() if auto else None, "wall_s": time.perf_counter() - t_start},
         args.out)

@@ -102,7 +102,7 @@ def main() -> None:
             phases = [strat.build(sctx, segs).stats.phases for _ in range(3)]
             prof["phases_ms"] = {k: statistics.median(p[k] for p in phases) * 1e3
                                  for k in phases[0]}
-            row = {"model": args.model, "context": n, "strategy": label,
+            row = {"model": engine.name, "context": n, "strategy": label,
                    "wall_ms": statistics.median(ts) * 1e3, **prof}
             rows.append(row)
             print(f"{n} {label}: wall {row['wall_ms']:.1f} ms, GPU busy {row['gpu_busy_ms']:.1f} "
@@ -118,7 +118,7 @@ def main() -> None:
                 [[r["context"], r["strategy"], r["wall_ms"], r["gpu_busy_ms"],
                   r["gpu_busy_ms"] / r["wall_ms"], r["kernels"], r["host_syncs"]] for r in rows])
     tag = args.model.split(":")[-1].replace("/", "_")
-    write_json(f"profile_ttft_{tag}", {"benchmark": "profile_ttft", "model": args.model,
+    write_json(f"profile_ttft_{tag}", {"benchmark": "profile_ttft", "model": engine.name,
                                        "env": environment("cuda"), "rows": rows}, args.out)
 
 

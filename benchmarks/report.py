@@ -68,11 +68,16 @@ def kvstore() -> str:
 
 
 def fidelity() -> str:
-    d = load("fidelity")
-    if not d:
-        return "(not run)"
-    return (f"SmolLM2-135M-Instruct, SQuAD v1.1 dev, {d['prompts']} prompts of 4–10 passages "
-            f"(mean {d['mean_prompt_tokens']:.0f} tokens), greedy 32 tokens:\n\n" + table(
+    parts = []
+    for name, title in (("fidelity_qwen2.5-coder-0.5b-instruct",
+                         "Qwen2.5-Coder-0.5B-Instruct (bf16, H100)"),
+                        ("fidelity", "SmolLM2-135M-Instruct (fp32, CPU)")):
+        d = load(name)
+        if not d:
+            continue
+        parts.append(
+            f"**{title}** — SQuAD v1.1 dev, {d['prompts']} prompts of 4–10 passages (mean "
+            f"{d['mean_prompt_tokens']:.0f} tokens), greedy 32 tokens:\n\n" + table(
                 ["strategy", "first-token KL", "top-1 agree", "greedy-32 exact",
                  "matching tokens", "F1 vs gold", "F1 vs full answer", "F1 % of full",
                  "prefill FLOPs share"],
@@ -80,22 +85,76 @@ def fidelity() -> str:
                   s["greedy_match_tokens"], s["f1_gold"], s["f1_vs_full_answer"],
                   (s["f1_gold_share_of_full"] or 0) * 100, s["compute_fraction"]]
                  for s in d["summary"]]))
+        if d.get("auto"):
+            parts.append(f"`auto` served: {d['auto']['served']}")
+    return "\n\n".join(parts) or "(not run)"
 
 
 def ttft() -> str:
-    d = load("ttft")
+    parts = []
+    for name in ("ttft_qwen2.5-coder-0.5b-instruct", "ttft_llama-3-8b"):
+        d = load(name)
+        if not d:
+            continue
+        hw = d["hardware"]
+        full = {r["context"]: r for r in d["rows"] if r["strategy"] == "full prefill (ours)"}
+        hf = {r["context"]: r for r in d["rows"] if r["strategy"] == "full prefill (HF SDPA)"}
+        ctxs = sorted(full)
+        names = list(dict.fromkeys(r["strategy"] for r in d["rows"] if r["mode"] != "-"))
+        rows = [["full prefill, ours (ms)", "-"] + [full[c]["ttft_s"] * 1e3 for c in ctxs],
+                ["full prefill, HF SDPA (ms)", "-"] + [hf[c]["ttft_s"] * 1e3 for c in ctxs]]
+        for mode in ("gpu", "pinned"):
+            for n in names:
+                cells = [next((f"{r['ttft_s'] * 1e3:.1f} ms ({r['speedup_vs_full']:.2f}×)"
+                               for r in d["rows"] if r["strategy"] == n and r["mode"] == mode
+                               and r["context"] == c), "–") for c in ctxs]
+                if any(c != "–" for c in cells):
+                    rows.append([n, mode] + cells)
+        parts.append(f"**{d['model']}** (bf16; same run: bf16 matmul {hw['bf16_tflops']:.0f} "
+                     f"TFLOP/s, pinned host→GPU {hw['h2d_GBps']:.0f} GB/s). TTFT and speed-up "
+                     "over our full prefill:\n\n" + table(
+                         ["strategy", "chunk KV in"] + [f"{c // 1024}K" for c in ctxs], rows))
+    return "\n\n".join(parts) or "(not run)"
+
+
+def profile() -> str:
+    """Where TTFT goes: before (the first version) and now, same GPU, per phase."""
+    rows = []
+    for label, path in (("before", "before/profile_ttft_qwen2.5-0.5b"),
+                        ("now", "profile_ttft_qwen2.5-coder-0.5b-instruct"),
+                        ("before", "before/profile_ttft_llama-3-8b"),
+                        ("now", "profile_ttft_llama-3-8b")):
+        d = load(path)
+        if not d:
+            continue
+        for r in d["rows"]:
+            ph = r.get("phases_ms", {})
+            rows.append([label, r["model"].replace("random:", "") + " (random)"
+                         if r["model"].startswith("random") else r["model"], r["context"],
+                         r["strategy"], r["wall_ms"], r["kernels"], r["host_syncs"],
+                         ph.get("resolve"), ph.get("lookup"),
+                         ph.get("assembly", ph.get("load")),
+                         ph.get("layers", ph.get("recompute", ph.get("prefill")))])
+    return table(["", "model", "context", "strategy", "TTFT (ms)", "kernels", "host syncs",
+                  "resolve (ms)", "lookup (ms)", "assembly (ms)", "layer loop (ms)"], rows)
+
+
+def longctx() -> str:
+    d = load("longctx_qwen2.5-coder-0.5b-instruct")
     if not d:
         return "(not run)"
-    hw = d["hardware"]
-    head = (f"Measured in the same run: bf16 matmul {hw['bf16_tflops']:.0f} TFLOP/s, pinned "
-            f"host→GPU {hw['h2d_GBps']:.0f} GB/s.\n\n")
-    rows = [r for r in d["rows"]]
-    return head + table(
-        ["context", "chunk KV in", "strategy", "TTFT (ms)", "× vs full (ours)", "× vs HF SDPA",
-         "FLOPs share", "floor (ms)", "floor / TTFT"],
-        [[r["context"], r["mode"], r["strategy"], r["ttft_s"] * 1e3, r["speedup_vs_full"],
-          r["speedup_vs_hf"], r["compute_fraction"], r["floor_s"] * 1e3, r["fraction_of_floor"]]
-         for r in rows])
+    s = d["summary"]
+    lengths = sorted({r["length"] for r in s})
+    names = list(dict.fromkeys(r["strategy"] for r in s))
+    rows = []
+    for n in names:
+        by = {r["length"]: r for r in s if r["strategy"] == n}
+        rows.append([n] + [f"{by[x]['accuracy'] * 100:.0f} % ({by[x]['ttft_ms']:.0f} ms)"
+                           for x in lengths])
+    return (f"{d['model']}, bf16 on the H100; {d['args']['per_cell']} needles per (length, "
+            f"depth) × {len(d['args']['depths'].split(','))} depths = "
+            f"{s[0]['n']} prompts per length. Accuracy (median TTFT):\n\n"
+            + table(["strategy"] + [f"{round(x / 1024)}K" for x in lengths], rows))
 
 
 def kernels() -> str:
@@ -149,6 +208,8 @@ def gateway() -> str:
 if __name__ == "__main__":
     for title, fn in (("Embedded engine (`benchmarks/engine.py`)", engine),
                       ("TTFT of reuse strategies (`benchmarks/ttft.py`)", ttft),
+                      ("Where TTFT goes (`benchmarks/profile_ttft.py`)", profile),
+                      ("Long-context retrieval (`benchmarks/longctx.py`)", longctx),
                       ("Triton kernels (`benchmarks/kernels_gpu.py`)", kernels),
                       ("Reuse fidelity (`benchmarks/fidelity.py`)", fidelity),
                       ("Chunk KV store (`benchmarks/kvstore.py`)", kvstore),

@@ -225,7 +225,7 @@ def main() -> None:
                   r["floor_s"] * 1e3, r["fraction_of_floor"]] for r in rows])
     print(f"graph cache: {graph_stats(engine)}")
     tag = os.path.basename(args.model.split(":")[-1].rstrip("/")).removesuffix(".gguf")
-    path = write_json(f"ttft_{tag}", {"benchmark": "ttft", "model": args.model, "chunk": chunk,
+    path = write_json(f"ttft_{tag}", {"benchmark": "ttft", "model": engine.name, "chunk": chunk,
                                       "hardware": hw, "env": environment("cuda"),
                                       "cost_model": cost_model.coeffs if cost_model else None,
                                       "graph_cache": graph_stats(engine), "rows": rows},
