@@ -4,10 +4,38 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BAD_UNICODE = ("text contains an unpaired UTF-16 surrogate (such as \\udcff escaped in the "
+               "JSON), which is not valid Unicode; send valid UTF-8 text")
 
 
-class _Loose(BaseModel):
+def _check_unicode(v: Any) -> None:
+    """JSON may escape lone surrogates that no UTF-8 encoder accepts: reject them up front, so
+    no tokenizer, embedder or database meets them later."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(BAD_UNICODE) from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_unicode(k)
+            _check_unicode(x)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _check_unicode(x)
+
+
+class _Checked(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
+
+
+class _Loose(_Checked):
     # OpenAI clients send fields we do not use (logprobs, user, ...): accept and ignore them.
     model_config = ConfigDict(extra="allow")
 
@@ -72,20 +100,20 @@ class CompletionRequest(SamplingFields):
         return v
 
 
-class DocumentIn(BaseModel):
+class DocumentIn(_Checked):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, max_length=2_000_000)
     title: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class DocumentsRequest(BaseModel):
+class DocumentsRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
     documents: list[DocumentIn] = Field(min_length=1, max_length=256)
     public: bool = False
 
 
-class RagRequest(BaseModel):
+class RagRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1, max_length=20_000)
     document_ids: list[str] = Field(default_factory=list, max_length=64)
@@ -101,20 +129,20 @@ class RagRequest(BaseModel):
     stream: bool = False
 
 
-class AgentSessionRequest(BaseModel):
+class AgentSessionRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
     shared_context: str = Field("", max_length=200_000)
     agents: dict[str, str] = Field(default_factory=dict,
                                    description="agent name → its own system prompt")
 
 
-class AgentMessage(BaseModel):
+class AgentMessage(_Checked):
     model_config = ConfigDict(extra="forbid")
     agent: str = Field(min_length=1, max_length=64)
     content: str = Field(min_length=1, max_length=100_000)
 
 
-class AgentGenerate(BaseModel):
+class AgentGenerate(_Checked):
     model_config = ConfigDict(extra="forbid")
     agent: str = Field(min_length=1, max_length=64)
     max_tokens: int = Field(128, ge=1)
@@ -123,7 +151,7 @@ class AgentGenerate(BaseModel):
     append: bool = True  # add the answer to the session as the agent's message
 
 
-class FlushRequest(BaseModel):
+class FlushRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
     tenant: str | None = None
     category: str | None = None
@@ -132,7 +160,7 @@ class FlushRequest(BaseModel):
     kv: bool = False
 
 
-class KeyRequest(BaseModel):
+class KeyRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     name: str = ""

@@ -76,6 +76,26 @@ def test_classifier_accuracy_on_held_out_examples(embedder):
     assert acc >= 0.75, acc
 
 
+def test_shipped_classifier_keeps_categories_under_casual_rewrites(cache, embedder):
+    """The shipped weights (trained on ~1.6K questions + casual rewrites) are used with the
+    packaged embedder, and a sloppy rewrite rarely changes a question's category."""
+    import random
+
+    from ctxcache.semantic.classifier import load_trained
+    from ctxcache.semantic.rewrite import casual
+
+    clf = load_trained(embedder.name, embedder.dim, cache.categories)
+    assert clf is not None and cache.router.classifier.weights.shape == clf.weights.shape
+    texts = [t for t, _ in load_examples()]
+    rng = random.Random(7)
+    rewrites = [casual(t, rng) for t in texts]
+    assert sum(a != b for a, b in zip(texts, rewrites)) > 0.8 * len(texts)
+    before = clf.predict(embedder.embed(texts))
+    after = clf.predict(embedder.embed(rewrites))
+    flips = sum(a != b for a, b in zip(before, after)) / len(texts)
+    assert flips <= 0.1, flips
+
+
 def test_paraphrase_hits_and_unrelated_misses(cache):
     cache.insert(CacheRequest("How do I reverse a list in Python?"), {"text": "list[::-1]"})
     hit = cache.lookup(CacheRequest("how to reverse a list in python")).hit
@@ -94,6 +114,25 @@ def test_per_category_thresholds(cache):
     assert cache.lookup(CacheRequest(q2, category="factual")).hit is not None
     cache.set_policy("factual", {"threshold": min(1.0, float(sim) + 0.01)})
     assert cache.lookup(CacheRequest(q2, category="factual")).hit is None
+
+
+def test_paraphrase_in_another_category_is_found_under_the_stricter_policy(cache, clock):
+    """Categories decide policy, not where to look: a paraphrase classified into another
+    category still finds the stored entry, which must pass its own threshold and TTL too."""
+    q1, q2 = "Who wrote Pride and Prejudice?", "hey so who wrote pride and prejudice lol"
+    cache.insert(CacheRequest(q1, category="factual"), {"text": "Jane Austen"})
+    sim = float(cache.embed(q2) @ cache.embed(q1))
+    for c in ("factual", "conversation"):
+        cache.set_policy(c, {"threshold": sim - 0.02, "min_threshold": None})
+    hit = cache.lookup(CacheRequest(q2, category="conversation")).hit
+    assert hit is not None and hit.response == {"text": "Jane Austen"}
+    # the stored entry's category is stricter: no hit although the query's policy allows it
+    cache.set_policy("factual", {"threshold": min(1.0, sim + 0.02)})
+    assert cache.lookup(CacheRequest(q2, category="conversation")).hit is None
+    cache.set_policy("factual", {"threshold": sim - 0.02, "ttl_s": 30, "max_ttl_s": None})
+    clock.t += 31  # the entry's own TTL has passed: expired for every query
+    assert cache.lookup(CacheRequest(q2, category="conversation")).hit is None
+    assert cache.count() == 0
 
 
 def test_ttl_expiry_with_injected_clock(cache, clock):
@@ -197,6 +236,8 @@ def test_bad_inputs(cache):
         make_policy({"ttl_s": -1})
     with pytest.raises(InvalidInputError):
         cache.lookup(CacheRequest("hello", tenant="bad tenant!"))
+    with pytest.raises(InvalidInputError, match="surrogate"):
+        cache.lookup(CacheRequest("hello \udcff"))
 
 
 def test_verification_feeds_false_hit_estimate(cache):

@@ -160,6 +160,18 @@ def test_bad_inputs_give_openai_errors(gw_open):
     assert r.status_code == 400 and "strategy" in r.json()["error"]["message"]
     r = httpx.get(gw_open.url + "/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
+    # a lone UTF-16 surrogate escaped in the JSON is not text: 400 with a clear message, on
+    # every endpoint that takes text (the embedder, tokenizer and database never see it)
+    hdr = {"content-type": "application/json"}
+    for path, body in (
+            ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", '
+                                     b'"content": "hi \\udcff there"}]}' % MODEL.encode()),
+            ("/v1/completions", b'{"model": "%s", "prompt": "\\ud800"}' % MODEL.encode()),
+            ("/v1/rag", b'{"question": "why \\udfff?", "passages": ["p"]}'),
+            ("/v1/documents", b'{"documents": [{"text": "a \\udcff b"}]}')):
+        r = httpx.post(gw_open.url + path, content=body, headers=hdr)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        assert "surrogate" in r.json()["error"]["message"]
 
 
 def test_documents_and_rag_reuse_chunk_kv(gw_open):

@@ -486,6 +486,11 @@ class Engine:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str) or not text:
             raise InvalidInputError("empty prompt: text must be a non-empty string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError("text contains an unpaired UTF-16 surrogate, which is not "
+                                    "valid Unicode") from None
         return list(self._need_tokenizer().encode(text, add_special_tokens=add_special_tokens))
 
     def decode_ids(self, ids: Iterable[int]) -> str:

@@ -1,8 +1,15 @@
 """The category-aware semantic cache.
 
 lookup: embed → category (explicit > route > classifier) → policy (threshold, TTL, cacheable)
-→ HNSW search in the (tenant, category) index → the nearest entries that share the request's
-context fingerprint and are still fresh → best similarity ≥ threshold → payload by primary key.
+→ HNSW search in the tenant's index → the nearest entries that share the request's context
+fingerprint and are still fresh → best similarity ≥ threshold → payload by primary key.
+
+Why one index per tenant and not per (tenant, category): a paraphrase is often classified into
+another category than the question it paraphrases (a casual "hey so who wrote hamlet lol" is
+"conversation", its stored original "factual"). Partitioning the search by category made those
+entries unreachable. Categories now decide *policy*, not *where to look*: every entry keeps its
+category, and a candidate must pass the stricter of the two thresholds (the query's and the
+entry's) and the entry's own TTL; quotas stay per (tenant, category).
 
 Vectors and the little metadata needed to filter candidates (context fingerprint, creation
 time) live in memory; payloads live in SQL. That hybrid layout keeps a miss at index cost only.
@@ -31,7 +38,7 @@ from ctxcache.db import make_engine, migrate
 from ctxcache.errors import InvalidInputError
 from ctxcache.kv.keys import check_namespace
 from ctxcache.semantic.classifier import (
-    DEFAULT_CATEGORIES, CategoryRouter, CentroidClassifier, load_examples,
+    DEFAULT_CATEGORIES, CategoryRouter, CentroidClassifier, load_examples, load_trained,
 )
 from ctxcache.semantic.embedder import Embedder
 from ctxcache.semantic.index import VectorIndex
@@ -116,6 +123,7 @@ class _Meta:
     fp: str
     created_at: float
     nbytes: int
+    category: str = "other"
 
 
 class SemanticCache:
@@ -148,14 +156,18 @@ class SemanticCache:
         self.engine = make_engine(db_url)
         migrate(self.engine)
         if classifier is None:
+            classifier = load_trained(getattr(embedder, "name", ""), embedder.dim,
+                                      self.categories)
+        if classifier is None:
             texts, labels = zip(*[(t, c) for t, c in load_examples() if c in self.categories])
             classifier = CentroidClassifier.train(embedder.embed(list(texts)), labels,
                                                   [c for c in self.categories if c in labels])
         self.router = CategoryRouter(classifier, self.categories)
         self.stats: dict[str, CategoryStats] = defaultdict(CategoryStats)
-        self.indexes: dict[tuple[str, str], VectorIndex] = {}
+        self.indexes: dict[str, VectorIndex] = {}  # one per tenant
         self.meta: dict[int, _Meta] = {}
         self.used_bytes: dict[tuple[str, str], int] = defaultdict(int)
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
         self._owner: dict[int, tuple[str, str]] = {}
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
@@ -165,27 +177,28 @@ class SemanticCache:
         self._load_all()
 
     # ------------------------------------------------------------------ startup
-    def _fingerprint_sql(self, tenant: str, category: str, ids: list[int]) -> str:
-        return hashlib.sha256(f"{tenant}/{category}/{ids}".encode()).hexdigest()[:24]
+    def _fingerprint_sql(self, tenant: str, ids: list[int]) -> str:
+        return hashlib.sha256(f"{tenant}/all/{ids}".encode()).hexdigest()[:24]
 
-    def _index_path(self, tenant: str, category: str) -> Path | None:
-        return self.index_dir / tenant / f"{category}.hnsw" if self.index_dir else None
+    def _index_path(self, tenant: str) -> Path | None:
+        return self.index_dir / tenant / "entries.hnsw" if self.index_dir else None
 
     def _load_all(self) -> None:
-        groups: dict[tuple[str, str], list] = defaultdict(list)
+        groups: dict[str, list] = defaultdict(list)
         with Session(self.engine) as s:
             rows = s.execute(select(SemanticEntry.id, SemanticEntry.tenant, SemanticEntry.category,
                                     SemanticEntry.context_fp, SemanticEntry.created_at,
                                     SemanticEntry.nbytes)).all()
         for r in rows:
-            groups[(r.tenant, r.category)].append(r)
-            self.meta[r.id] = _Meta(r.context_fp, r.created_at, r.nbytes)
+            groups[r.tenant].append(r)
+            self.meta[r.id] = _Meta(r.context_fp, r.created_at, r.nbytes, r.category)
             self._owner[r.id] = (r.tenant, r.category)
             self.used_bytes[(r.tenant, r.category)] += r.nbytes
-        for (tenant, cat), members in groups.items():
+            self.counts[(r.tenant, r.category)] += 1
+        for tenant, members in groups.items():
             ids = sorted(m.id for m in members)
-            fp = self._fingerprint_sql(tenant, cat, ids)
-            path = self._index_path(tenant, cat)
+            fp = self._fingerprint_sql(tenant, ids)
+            path = self._index_path(tenant)
             idx = VectorIndex.load(path, fp, self.embedder.dim) if path else None
             if idx is None:
                 idx = VectorIndex(self.embedder.dim, capacity=max(1024, len(ids)))
@@ -196,21 +209,26 @@ class SemanticCache:
                         idx.add([c.id for c in chunk],
                                 np.stack([np.frombuffer(c.embedding, dtype=np.float32)
                                           for c in chunk]))
-            self.indexes[(tenant, cat)] = idx
+            self.indexes[tenant] = idx
 
     def save_indexes(self) -> None:
         """Persist every index with a manifest of the SQL state it reflects."""
         if not self.index_dir:
             return
         with self._lock:
-            for (tenant, cat), idx in self.indexes.items():
+            for tenant, idx in self.indexes.items():
                 ids = sorted(idx.ids)
-                idx.save(self._index_path(tenant, cat), self._fingerprint_sql(tenant, cat, ids))
+                idx.save(self._index_path(tenant), self._fingerprint_sql(tenant, ids))
 
     # ------------------------------------------------------------------ validation
     def _check(self, req: CacheRequest) -> None:
         if not isinstance(req.text, str) or not req.text.strip():
             raise InvalidInputError("empty text: nothing to look up")
+        try:
+            req.text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError("text contains an unpaired UTF-16 surrogate, which is not "
+                                    "valid Unicode") from None
         if len(req.text) > self.max_text_chars:
             raise InvalidInputError(
                 f"text of {len(req.text)} characters exceeds the limit of {self.max_text_chars}")
@@ -257,7 +275,7 @@ class SemanticCache:
 
     def _search(self, req: CacheRequest, category: str, emb: np.ndarray, threshold: float,
                 ttl: float) -> CacheHit | None:
-        idx = self.indexes.get((req.tenant, category))
+        idx = self.indexes.get(req.tenant)
         if idx is None or len(idx) == 0:
             return None
         now = self.clock()
@@ -271,8 +289,17 @@ class SemanticCache:
                 m = self.meta.get(i)
                 if m is None:
                     continue
+                own = self.policies.get(m.category)
+                if m.category != category and own is not None:
+                    # the entry's own policy applies too: the stricter threshold, its TTL
+                    if not own.cacheable or sim < self.load.threshold(own):
+                        continue
+                    if now - m.created_at > self.load.ttl(own):
+                        expired.append(i)
+                        continue
                 if now - m.created_at > ttl:
-                    expired.append(i)
+                    if m.category == category:
+                        expired.append(i)
                     continue
                 if m.fp != req.context_fp:
                     continue
@@ -343,13 +370,14 @@ class SemanticCache:
             s.commit()
             entry_id = row.id
         with self._lock:
-            idx = self.indexes.get(key)
+            idx = self.indexes.get(req.tenant)
             if idx is None:
-                idx = self.indexes[key] = VectorIndex(self.embedder.dim)
+                idx = self.indexes[req.tenant] = VectorIndex(self.embedder.dim)
             idx.add([entry_id], emb.reshape(1, -1))
-            self.meta[entry_id] = _Meta(req.context_fp, now, nbytes)
+            self.meta[entry_id] = _Meta(req.context_fp, now, nbytes, category)
             self._owner[entry_id] = key
             self.used_bytes[key] += nbytes
+            self.counts[key] += 1
             self.stats[category].inserts += 1
         return entry_id
 
@@ -379,22 +407,22 @@ class SemanticCache:
                     rows))
                 s.commit()
             with self._lock:
-                idx = self.indexes.get(key)
+                idx = self.indexes.get(tenant)
                 if idx is None:
-                    idx = self.indexes[key] = VectorIndex(self.embedder.dim,
-                                                          capacity=len(prompts))
+                    idx = self.indexes[tenant] = VectorIndex(self.embedder.dim,
+                                                             capacity=len(prompts))
                 idx.add(ids, embeddings[start:start + len(ids)])
                 for i, r in zip(ids, rows):
-                    self.meta[i] = _Meta(context_fp, now, r["nbytes"])
+                    self.meta[i] = _Meta(context_fp, now, r["nbytes"], category)
                     self._owner[i] = key
                     self.used_bytes[key] += r["nbytes"]
+                    self.counts[key] += 1
                 self.stats[category].inserts += len(ids)
             total += len(ids)
         return total
 
     def _enforce_quota(self, key: tuple[str, str], policy: CategoryPolicy, incoming: int) -> None:
-        idx = self.indexes.get(key)
-        n = len(idx) if idx else 0
+        n = self.counts[key]
         over_n = n + 1 - policy.max_entries
         over_b = self.used_bytes[key] + incoming - policy.max_bytes
         if over_n <= 0 and over_b <= 0:
@@ -419,9 +447,10 @@ class SemanticCache:
             key = self._owner.pop(entry_id, None)
             m = self.meta.pop(entry_id, None)
             if key is not None:
-                idx = self.indexes.get(key)
+                idx = self.indexes.get(key[0])
                 if idx is not None:
                     idx.delete(entry_id)
+                self.counts[key] -= 1
                 if m is not None:
                     self.used_bytes[key] -= m.nbytes
             return key
@@ -510,7 +539,7 @@ class SemanticCache:
     def stats_dict(self) -> dict:
         with self._lock:
             return {c: self.stats[c].as_dict() | {"entries": sum(
-                len(i) for (t, cc), i in self.indexes.items() if cc == c)}
+                n for (t, cc), n in self.counts.items() if cc == c)}
                 for c in self.categories}
 
     def flush(self) -> None:
