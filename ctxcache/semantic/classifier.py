@@ -57,7 +57,11 @@ class CentroidClassifier:
     @classmethod
     def train(cls, embeddings: np.ndarray, labels: Sequence[str],
               categories: Sequence[str] | None = None, method: str = "logreg",
-              l2: float = 1e-3, steps: int = 300) -> "CentroidClassifier":
+              l2: float = 1e-3, steps: int = 300, weights: Sequence[float] | None = None,
+              balanced: bool = False) -> "CentroidClassifier":
+        """``weights`` per example (e.g. to trust hand-labelled ones more); ``balanced``
+        scales each category to the same total weight, so a large corpus of one category
+        does not pull the boundaries towards it."""
         cats = list(categories or sorted(set(labels)))
         labels_arr = np.asarray(labels)
         for c in cats:
@@ -76,6 +80,13 @@ class CentroidClassifier:
         keep = np.isin(labels_arr, cats)
         x = torch.tensor(embeddings[keep], dtype=torch.float32)
         y = torch.tensor([cats.index(c) for c in labels_arr[keep]])
+        sw = np.ones(len(labels_arr)) if weights is None else np.asarray(weights, dtype=float)
+        sw = sw[keep]
+        if balanced:
+            for c in range(len(cats)):
+                m = (y.numpy() == c)
+                sw[m] = sw[m] / max(sw[m].sum(), 1e-9)
+        sw = torch.tensor(sw / sw.mean(), dtype=torch.float32)
         g = torch.Generator().manual_seed(0)
         w = (torch.randn(len(cats), x.shape[1], generator=g) * 0.01).requires_grad_()
         b = torch.zeros(len(cats), requires_grad=True)
@@ -83,7 +94,8 @@ class CentroidClassifier:
 
         def closure():
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + l2 * (w * w).sum()
+            ce = torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="none")
+            loss = (ce * sw).mean() + l2 * (w * w).sum()
             loss.backward()
             return loss
 
