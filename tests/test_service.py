@@ -128,6 +128,20 @@ def test_semantic_hit_is_faster_and_identical(gw_open):
     raw = httpx.post(gw_open.url + "/v1/chat/completions", json={
         "model": MODEL, "messages": msgs, "max_tokens": 32, "cache": False}, timeout=120)
     assert raw.headers["x-ctxcache-cache"] == "off"
+    # a hit respects the request's limits: a stored answer longer than max_tokens is not
+    # what this request would have produced (it would stop early with "length")
+    n = a.usage.completion_tokens
+    assert n > 2
+    short = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
+                                                        max_tokens=2)
+    assert short.headers["x-ctxcache-cache"] == "miss"
+    s = short.parse()
+    assert s.usage.completion_tokens <= 2 and s.choices[0].finish_reason == "length"
+    # ... and none of its stop sequences may occur in the stored answer
+    word = a.choices[0].message.content.split()[0]
+    stopped = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
+                                                          max_tokens=32, stop=[word])
+    assert stopped.headers["x-ctxcache-cache"] != "semantic-hit"
 
 
 def test_bad_inputs_give_openai_errors(gw_open):

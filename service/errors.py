@@ -1,0 +1,83 @@
+"""API errors: one exception type, the OpenAI error shape, and how library errors map to HTTP."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ctxcache.errors import CtxCacheError, InvalidInputError, KVMismatchError, UnknownChunkError
+from ctxcache.service.agents import UnknownSessionError
+from ctxcache.service.backends import BackendUnavailableError
+from ctxcache.service.documents import UnknownDocumentError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict | None = None):
+        self.status, self.message, self.type, self.code, self.param = (
+            status, message, type_, code, param)
+        self.headers = headers or {}
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def map_error(e: Exception) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, BackendUnavailableError):
+        return APIError(503, str(e), "service_unavailable", "backend_unavailable",
+                        headers={"Retry-After": "5"})
+    if isinstance(e, (UnknownDocumentError, UnknownSessionError, UnknownChunkError)):
+        return APIError(404, str(e), "not_found_error", "not_found")
+    if isinstance(e, InvalidInputError) and "exceeds the model" in str(e):
+        return APIError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, (InvalidInputError, KVMismatchError)):
+        return APIError(400, str(e), code="invalid_value")
+    if isinstance(e, CtxCacheError):
+        return APIError(500, str(e), "server_error")
+    return APIError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Every failure leaves the gateway as an OpenAI-shaped error body with a fitting status."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return JSONResponse(error_body(e.message, e.type, e.code, e.param), e.status,
+                            headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body("malformed JSON body", "invalid_request_error",
+                                           "invalid_json"), 400)
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body')}: "
+                        f"{er.get('msg')}" for er in errs[:5])
+        return JSONResponse(error_body(msg, "invalid_request_error", "invalid_value",
+                                       loc or None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error",
+                                       "not_found" if e.status_code == 404 else None),
+                            e.status_code)
+
+    @app.exception_handler(CtxCacheError)
+    async def _lib(_: Request, e: CtxCacheError):
+        api = map_error(e)
+        return JSONResponse(error_body(api.message, api.type, api.code), api.status,
+                            headers=api.headers)
+
+    @app.exception_handler(Exception)
+    async def _other(_: Request, e: Exception):
+        api = map_error(e)
+        return JSONResponse(error_body(api.message, api.type, api.code), api.status,
+                            headers=api.headers)

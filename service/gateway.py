@@ -1,0 +1,145 @@
+"""What one gateway process holds: settings, backend, caches, keys, limits, admission gate."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ctxcache.service.agents import AgentSessions
+from ctxcache.service.auth import KeyStore, RateLimiter
+from ctxcache.service.backends import Backend
+from ctxcache.service.documents import DocumentService
+from ctxcache.service.metrics import Metrics
+from ctxcache.service.settings import Settings
+
+log = logging.getLogger("ctxcache.gateway")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Gate:
+    """Bounded admission: ``max_concurrency`` generations run, ``max_queue`` wait, more → 429."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, metrics: Metrics):
+        self.sem = threading.BoundedSemaphore(max_concurrency)
+        self.max_queue = max_queue
+        self.waiting = 0
+        self.running = 0
+        self.lock = threading.Lock()
+        self.metrics = metrics
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.waiting >= self.max_queue:
+                raise QueueFull()
+            self.waiting += 1
+            self.metrics.queue_depth.set(self.waiting)
+
+    def acquire(self, cancelled: Callable[[], bool]) -> bool:
+        """Block until a slot frees (in a worker thread); False if cancelled meanwhile."""
+        try:
+            while not self.sem.acquire(timeout=0.1):
+                if cancelled():
+                    return False
+            with self.lock:
+                self.running += 1
+                self.metrics.in_flight.set(self.running)
+            return True
+        finally:
+            with self.lock:
+                self.waiting -= 1
+                self.metrics.queue_depth.set(self.waiting)
+
+    def release(self) -> None:
+        with self.lock:
+            self.running -= 1
+            self.metrics.in_flight.set(self.running)
+        self.sem.release()
+
+
+@dataclass
+class Tenant:
+    name: str
+    limit_per_min: int
+    admin: bool = False
+
+
+class Gateway:
+    """Everything one gateway process holds; built once at start-up."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None,
+                 semantic=None, store=None):
+        from ctxcache.db import make_engine, migrate
+
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics()
+        self.db = make_engine(settings.database_url)
+        migrate(self.db)
+        self.store = store
+        self.backend = backend or self._make_backend()
+        self.semantic = semantic if semantic is not None else self._make_semantic()
+        self.keys = KeyStore(self.db)
+        self.rate = RateLimiter()
+        self.gate = Gate(settings.max_concurrency, settings.max_queue, self.metrics)
+        self.docs = DocumentService(self.db, self.backend, self.store, settings.chunk_tokens)
+        self.sessions = AgentSessions()
+        self.model_names = {settings.model, "default"}
+        self.started = time.time()
+
+    def _make_backend(self) -> Backend:
+        s = self.settings
+        if s.backend == "sglang":
+            from ctxcache.service.backends import SGLangBackend
+
+            return SGLangBackend(s.sglang_url, s.sglang_timeout_s, s.model)
+        from ctxcache.engine import Engine
+        from ctxcache.fusion import Planner, default_strategies
+        from ctxcache.kv import DiskTier, KVStore, MemoryTier, RedisTier
+        from ctxcache.service.backends import EmbeddedBackend
+
+        engine = Engine.load(s.model, device=s.device, dtype=s.dtype)
+        if self.store is None:
+            tiers = []
+            if s.kv_gpu_bytes and s.device.startswith("cuda"):
+                tiers.append(MemoryTier(s.kv_gpu_bytes, s.device))
+            tiers.append(MemoryTier(s.kv_cpu_bytes, "cpu"))
+            if s.kv_disk_bytes:
+                tiers.append(DiskTier(s.data_dir / "kv", s.kv_disk_bytes))
+            if s.redis_url:
+                tiers.append(RedisTier(s.redis_url, s.kv_redis_bytes))
+            self.store = KVStore(tiers, eviction=s.kv_eviction, codec=s.kv_codec)
+        planner = Planner(default_strategies(cacheblend={"recompute_ratio": s.recompute_ratio}),
+                          default=s.strategy)
+        if s.cost_model == "on":  # in the background: serving starts at once, guarded once ready
+            from ctxcache.fusion.costmodel import load_or_calibrate
+
+            def calibrate() -> None:
+                try:
+                    planner.cost_model = load_or_calibrate(engine, planner.strategies)
+                except Exception:  # noqa: BLE001 - without a cost model the planner still works
+                    log.exception("cost model calibration failed; reuse runs unguarded")
+
+            threading.Thread(target=calibrate, name="cost-model", daemon=True).start()
+        return EmbeddedBackend(engine, self.store, planner)
+
+    def _make_semantic(self):
+        if not self.settings.semantic_cache:
+            return None
+        from ctxcache.semantic import LoadAdapter, SemanticCache, TransformerEmbedder
+
+        return SemanticCache(TransformerEmbedder(), db_url=self.settings.database_url,
+                             index_dir=self.settings.data_dir / "hnsw",
+                             load_adapter=LoadAdapter(enabled=self.settings.load_adaptive),
+                             verify_rate=self.settings.semantic_verify_rate)
+
+    def close(self) -> None:
+        if self.semantic is not None:
+            self.semantic.close()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,33 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ctxcache.service.deps import gw_dep
+from ctxcache.service.gateway import Gateway
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(gw: Gateway = Depends(gw_dep)):
+    return {"status": "ok", "backend": gw.backend.name,
+            "backend_healthy": await asyncio.to_thread(gw.backend.health),
+            "uptime_s": round(time.time() - gw.started, 1)}
+
+
+@router.get("/ready")
+async def ready(gw: Gateway = Depends(gw_dep)):
+    ok = await asyncio.to_thread(gw.backend.health)
+    return JSONResponse({"ready": ok}, 200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(gw: Gateway = Depends(gw_dep)):
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,59 @@
+"""OpenAI-compatible endpoints: models, chat completions, completions."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Depends, Request
+
+from ctxcache.semantic.cache import context_fingerprint
+from ctxcache.service.backends import GenRequest
+from ctxcache.service.deps import check_model, gw_dep, tenant_dep
+from ctxcache.service.errors import APIError
+from ctxcache.service.gateway import Gateway, Tenant
+from ctxcache.service.pipeline import Call, sampling, serve
+from ctxcache.service.schemas import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
+    return {"object": "list", "data": [
+        {"id": m, "object": "model", "created": int(gw.started), "owned_by": "ctxcache"}
+        for m in sorted(gw.model_names)]}
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: ChatCompletionRequest, request: Request,
+               gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
+    check_model(gw, body.model)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    if not any(m["content"] for m in messages):
+        raise APIError(400, "messages must contain some text", code="invalid_value",
+                       param="messages")
+    params = sampling(body.max_completion_tokens or body.max_tokens, body.temperature,
+                      body.top_p, body.stop, body.seed, gw.settings.max_tokens_limit)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    history = messages[:-1] if messages[-1]["role"] == "user" else messages
+    fp = context_fingerprint(documents=[json.dumps(history)], temperature=body.temperature,
+                             tools=body.tools, model=body.model, system=json.dumps(body.stop))
+    call = Call("chat", body.model, t.name, last_user, fp, body.category,
+                "/v1/chat/completions", body.cache and not body.tools)
+    return await serve(gw, request, GenRequest(params, t.name, messages=messages), call,
+                       stream=body.stream)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request,
+                      gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
+    check_model(gw, body.model)
+    params = sampling(body.max_tokens or 16, body.temperature, body.top_p, body.stop,
+                      body.seed, gw.settings.max_tokens_limit)
+    fp = context_fingerprint(temperature=body.temperature, model=body.model,
+                             system=json.dumps(body.stop) + f"|raw|{params.max_tokens}")
+    call = Call("completion", body.model, t.name, body.prompt, fp, body.category,
+                "/v1/completions", body.cache)
+    return await serve(gw, request, GenRequest(params, t.name, text=body.prompt), call,
+                       stream=body.stream)
