@@ -26,6 +26,16 @@ from torch import Tensor
 
 # ---------------------------------------------------------------------------- rope_shift
 @triton.jit
+def _rotate(x1, x2, pos, inv_freq, HALF: tl.constexpr):
+    """RoPE rotation of the two halves of rows by ``pos`` (float32 math, rotate-half layout)."""
+    j = tl.arange(0, HALF)
+    ang = pos[:, None] * tl.load(inv_freq + j)[None, :]
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
 def _rope_shift_kernel(K, delta, inv_freq, n_rows, T, stride_row, stride_t,
                        HALF: tl.constexpr, BLOCK_T: tl.constexpr):
     row = tl.program_id(0)  # (layer, head) flattened
@@ -34,16 +44,11 @@ def _rope_shift_kernel(K, delta, inv_freq, n_rows, T, stride_row, stride_t,
     tmask = t < T
     j = tl.arange(0, HALF)
     d = tl.load(delta + t, mask=tmask, other=0).to(tl.float32)
-    f = tl.load(inv_freq + j)
-    ang = d[:, None] * f[None, :]
-    c = tl.cos(ang)
-    s = tl.sin(ang)
     base = K + row * stride_row + t[:, None] * stride_t
     m = tmask[:, None]
     x1 = tl.load(base + j[None, :], mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * c - x2 * s
-    o2 = x2 * c + x1 * s
+    o1, o2 = _rotate(x1, x2, d, inv_freq, HALF)
     tl.store(base + j[None, :], o1.to(K.dtype.element_ty), mask=m)
     tl.store(base + HALF + j[None, :], o2.to(K.dtype.element_ty), mask=m)
 
@@ -80,12 +85,13 @@ def rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------- attention
 @triton.jit
-def _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, hi, kvh, skh, skt, svh, svt,
-                qk_scale, HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key block of the online softmax (shared by the two loop forms below)."""
+def _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, lo, hi, kvh, skh, skt, svh,
+                svt, qk_scale, HAS_BIAS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block [start_n, start_n + BLOCK_N) ∩ [lo, hi) of the online softmax, masked by
+    position (shared by the plain and split-K kernels)."""
     offs_d = tl.arange(0, D)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    nmask = offs_n < hi
+    nmask = (offs_n >= lo) & (offs_n < hi)
     k = tl.load(K + kvh * skh + offs_n[:, None] * skt + offs_d[None, :],
                 mask=nmask[:, None], other=0.0)
     kp = tl.load(kpos + offs_n, mask=nmask, other=2147483647)
@@ -104,6 +110,22 @@ def _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, hi, kvh, skh, s
                 mask=nmask[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _query_tile(Q, qpos, pid_m, kvh, Tq, sqh, sqt, GROUP: tl.constexpr, D: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """Rows of a GQA-packed query tile: row r = (query r // GROUP, head kvh·GROUP + r % GROUP),
+    so each K/V block is loaded once for the GROUP query heads that share it."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // GROUP
+    qh = kvh * GROUP + rows % GROUP
+    offs_d = tl.arange(0, D)
+    mmask = qi < Tq
+    q = tl.load(Q + qh[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :],
+                mask=mmask[:, None], other=0.0)
+    qp = tl.load(qpos + qi, mask=mmask, other=-1)
+    return qi, qh, mmask, q, qp
 
 
 @triton.jit
@@ -135,14 +157,8 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, bounds, scale, Tq, Tk, n_tile
     # longest programs start first and the tail of the grid is short.
     pid_m = n_tiles - 1 - tl.program_id(0)
     kvh = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi = rows // GROUP
-    qh = kvh * GROUP + rows % GROUP
+    qi, qh, mmask, q, qp = _query_tile(Q, qpos, pid_m, kvh, Tq, sqh, sqt, GROUP, D, BLOCK_M)
     offs_d = tl.arange(0, D)
-    mmask = qi < Tq
-    q = tl.load(Q + qh[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :],
-                mask=mmask[:, None], other=0.0)
-    qp = tl.load(qpos + qi, mask=mmask, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -157,11 +173,11 @@ def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, bounds, scale, Tq, Tk, n_tile
             m_i, l_i, acc = _attn_block_full(start_n, q, m_i, l_i, acc, K, V, kvh, skh, skt,
                                              svh, svt, qk_scale, D, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, hi,
+            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, 0, hi,
                                         kvh, skh, skt, svh, svt, qk_scale, HAS_BIAS, D, BLOCK_N)
     else:  # the CPU interpreter (numpy 2) cannot loop to a runtime bound: constant bound
         for start_n in range(0, TK_CONST, BLOCK_N):
-            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias,
+            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, bias, 0,
                                         TK_CONST, kvh, skh, skt, svh, svt, qk_scale, HAS_BIAS,
                                         D, BLOCK_N)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -225,6 +241,14 @@ def attention_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, k_sorted: bool |
     return qp, kp, bounds
 
 
+def _attention_out(q: Tensor, k: Tensor):
+    """Shapes, GQA group and the output: [Hq, Tq, D] as a view of a [Tq, Hq, D] buffer."""
+    hq, tq, d = q.shape
+    hkv, tk, _ = k.shape
+    out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
+    return hq, tq, d, hkv, tk, hq // hkv, out
+
+
 def auto_plan(q_pos: Tensor, k_pos: Tensor, head_dim: int, k_sorted: bool | None = None,
               group: int = 1, scale: float | None = None,
               context: tuple[int, int, float] | None = None) -> tuple:
@@ -253,10 +277,7 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
     carries: ``context`` is for the torch fallback's signature)."""
     if plan is not None and len(plan) == 4:
         return split_attention(q, k, v, plan, log_scale, temperature)
-    hq, tq, d = q.shape
-    hkv, tk, _ = k.shape
-    group = hq // hkv
-    out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
+    hq, tq, d, hkv, tk, group, out = _attention_out(q, k)
     if tq == 0:
         return out
     BLOCK_N = _blocks(d, q.device.type)[1]
@@ -278,26 +299,6 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
 
 
 # ---------------------------------------------------------------------------- deviation
-@triton.jit
-def _kv_dev_kernel(KN, VN, KO, VO, out, T, s_nh, s_nt, s_oh, s_ot,
-                   H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
-    tb = tl.program_id(0)
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < T
-    d = tl.arange(0, D)
-    acc = tl.zeros([BLOCK_T], tl.float32)
-    m = tmask[:, None]
-    for h in range(0, H):
-        kn = tl.load(KN + h * s_nh + t[:, None] * s_nt + d[None, :], mask=m, other=0.0)
-        ko = tl.load(KO + h * s_oh + t[:, None] * s_ot + d[None, :], mask=m, other=0.0)
-        vn = tl.load(VN + h * s_nh + t[:, None] * s_nt + d[None, :], mask=m, other=0.0)
-        vo = tl.load(VO + h * s_oh + t[:, None] * s_ot + d[None, :], mask=m, other=0.0)
-        dk = kn.to(tl.float32) - ko.to(tl.float32)
-        dv = vn.to(tl.float32) - vo.to(tl.float32)
-        acc += tl.sum(dk * dk + dv * dv, 1)
-    tl.store(out + t, acc, mask=tmask)
-
-
 def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> Tensor:
     """[T] fp32 deviation; new/old [H, T, D] with equal strides between K and V."""
     h, t, d = k_new.shape
@@ -309,9 +310,9 @@ def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> 
     if k_old.stride() != v_old.stride() or k_old.stride(-1) != 1:
         k_old, v_old = k_old.contiguous(), v_old.contiguous()
     BLOCK_T = 32
-    _kv_dev_kernel[(triton.cdiv(t, BLOCK_T),)](
-        k_new, v_new, k_old, v_old, out, t, k_new.stride(0), k_new.stride(1),
-        k_old.stride(0), k_old.stride(1), H=h, D=d, BLOCK_T=BLOCK_T)
+    _kv_dev_at_kernel[(triton.cdiv(t, BLOCK_T),)](
+        k_new, v_new, k_old, v_old, out, out, t, k_new.stride(0), k_new.stride(1),
+        k_old.stride(0), k_old.stride(1), H=h, D=d, BLOCK_T=BLOCK_T, HAS_SLOTS=False)
     return out
 
 
@@ -368,12 +369,7 @@ def _assemble_kernel(K, V, OFF_K, OFF_V, SRC_T, SLOT_SRC, SLOT_TOK, SLOT_DELTA, 
     x2 = tl.load(K + ok[:, None] + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
     if SHIFT:
         d = tl.load(SLOT_DELTA + t, mask=have, other=0).to(tl.float32)
-        f = tl.load(inv_freq + j)
-        ang = d[:, None] * f[None, :]
-        c = tl.cos(ang)
-        s = tl.sin(ang)
-        o1 = x1 * c - x2 * s
-        o2 = x2 * c + x1 * s
+        o1, o2 = _rotate(x1, x2, d, inv_freq, HALF)
     else:
         o1 = x1
         o2 = x2
@@ -496,15 +492,10 @@ def _rope_qkv_kernel(QKV, POS, inv_freq, K, V, SLOTS, T, s_row, HQ, HKV, s_kh, s
     m = tm[:, None]
     j = tl.arange(0, HALF)
     p = tl.load(POS + t, mask=tm, other=0).to(tl.float32)
-    f = tl.load(inv_freq + j)
-    ang = p[:, None] * f[None, :]
-    c = tl.cos(ang)
-    s = tl.sin(ang)
     base = QKV + t.to(tl.int64)[:, None] * s_row + head * (2 * HALF)
     x1 = tl.load(base + j[None, :], mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF + j[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = x1 * c - x2 * s
-    o2 = x2 * c + x1 * s
+    o1, o2 = _rotate(x1, x2, p, inv_freq, HALF)
     if SCALE:
         o1 = o1 * scaling
         o2 = o2 * scaling
@@ -549,12 +540,17 @@ def rope_qkv(qkv: Tensor, pos: Tensor, inv_freq: Tensor, hq: int, hkv: int,
 # ---------------------------------------------------------------------------- deviation at slots
 @triton.jit
 def _kv_dev_at_kernel(KN, VN, KO, VO, SLOTS, out, T, s_nh, s_nt, s_oh, s_ot,
-                      H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+                      H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                      HAS_SLOTS: tl.constexpr):
+    # per row: ‖ΔK‖² + ‖ΔV‖² over heads; the cached row is ``SLOTS[t]`` (or ``t``)
     tb = tl.program_id(0)
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < T
     d = tl.arange(0, D)
-    slot = tl.load(SLOTS + t, mask=tmask, other=0).to(tl.int64)
+    if HAS_SLOTS:
+        slot = tl.load(SLOTS + t, mask=tmask, other=0).to(tl.int64)
+    else:
+        slot = t.to(tl.int64)
     acc = tl.zeros([BLOCK_T], tl.float32)
     m = tmask[:, None]
     tn = t.to(tl.int64)
@@ -580,34 +576,11 @@ def kv_deviation_at(k_new: Tensor, v_new: Tensor, K: Tensor, V: Tensor, slots: T
     BLOCK_T = 32
     _kv_dev_at_kernel[(triton.cdiv(t, BLOCK_T),)](
         k_new, v_new, K, V, slots, out, t, k_new.stride(0), k_new.stride(1), K.stride(0),
-        K.stride(1), H=h, D=d, BLOCK_T=BLOCK_T)
+        K.stride(1), H=h, D=d, BLOCK_T=BLOCK_T, HAS_SLOTS=True)
     return out
 
 
 # ---------------------------------------------------------------------------- split-K attention
-@triton.jit
-def _split_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, lo, hi, kvh, skh, skt, svh, svt,
-                 qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_d = tl.arange(0, D)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    nmask = (offs_n >= lo) & (offs_n < hi)
-    k = tl.load(K + kvh * skh + offs_n[:, None] * skt + offs_d[None, :],
-                mask=nmask[:, None], other=0.0)
-    kp = tl.load(kpos + offs_n, mask=nmask, other=2147483647)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    visible = (kp[None, :] <= qp[:, None]) & nmask[None, :]
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V + kvh * svh + offs_n[:, None] * svt + offs_d[None, :],
-                mask=nmask[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
 @triton.jit
 def _split_attn_kernel(Q, K, V, OP, LP, qpos, kpos, kv_hi, SLO, SHI, SSCALE, Tq, Hq,
                        sqh, sqt, skh, skt, svh, svt,
@@ -618,14 +591,8 @@ def _split_attn_kernel(Q, K, V, OP, LP, qpos, kpos, kv_hi, SLO, SHI, SSCALE, Tq,
     pid_m = tl.program_id(0)
     kvh = tl.program_id(1)
     sid = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi = rows // GROUP
-    qh = kvh * GROUP + rows % GROUP
+    qi, qh, mmask, q, qp = _query_tile(Q, qpos, pid_m, kvh, Tq, sqh, sqt, GROUP, D, BLOCK_M)
     offs_d = tl.arange(0, D)
-    mmask = qi < Tq
-    q = tl.load(Q + qh[:, None] * sqh + qi[:, None] * sqt + offs_d[None, :],
-                mask=mmask[:, None], other=0.0)
-    qp = tl.load(qpos + qi, mask=mmask, other=-1)
     lo = tl.load(SLO + sid)
     hi = tl.minimum(tl.load(SHI + sid), tl.load(kv_hi + pid_m))
     qk_scale = tl.load(SSCALE + sid) * 1.4426950408889634
@@ -634,12 +601,12 @@ def _split_attn_kernel(Q, K, V, OP, LP, qpos, kpos, kv_hi, SLO, SHI, SSCALE, Tq,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if DYN:
         for start_n in range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _split_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, lo, hi, kvh,
-                                         skh, skt, svh, svt, qk_scale, D, BLOCK_N)
+            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, kpos, lo, hi,
+                                        kvh, skh, skt, svh, svt, qk_scale, False, D, BLOCK_N)
     else:  # the interpreter loops to a constant bound; the masks do the rest
         for start_n in range(0, TK_CONST, BLOCK_N):
-            m_i, l_i, acc = _split_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, lo, hi, kvh,
-                                         skh, skt, svh, svt, qk_scale, D, BLOCK_N)
+            m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, kpos, lo, hi,
+                                        kvh, skh, skt, svh, svt, qk_scale, False, D, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -784,10 +751,7 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, plan, log_scale: float | No
                     temperature: float = 1.0) -> Tensor:
     """Split-K form of ``selective_attention`` (``plan`` from ``split_plan``). With
     ``log_scale`` the splits marked as context combine with APE's adjustment."""
-    hq, tq, d = q.shape
-    hkv, tk, _ = k.shape
-    group = hq // hkv
-    out = torch.empty(tq, hq, d, dtype=q.dtype, device=q.device).permute(1, 0, 2)
+    hq, tq, d, hkv, tk, group, out = _attention_out(q, k)
     if tq == 0:
         return out
     qp, kp, bounds, (slo, shi, sscale, sgrp, n_split) = plan
