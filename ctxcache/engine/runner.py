@@ -2,94 +2,34 @@
 
 Why not ``model.generate``: every reuse strategy (CacheBlend, Cache-Craft, APE, KVCOMM) must
 inject cached K/V at chosen positions and recompute only chosen tokens, which no stock
-``generate`` allows. So the engine exposes the transformer as small steps — ``embed``,
-``qkv`` (norm + projections + RoPE at explicit positions), ``attend`` (attention of some queries
-over any K/V with a position-based mask), ``finish_layer`` (output projection, residual, MLP) and
-``logits`` — and composes them into ``prefill`` and the decode loop. Strategies compose the same
-steps differently, and the parity tests pin the composition to the HF forward.
+``generate`` allows. So the engine exposes the transformer as small steps (``layers.py``) and
+composes them into ``prefill`` and the decode loop; strategies compose the same steps
+differently, and the parity tests pin the composition to the HF forward.
 
 Batch size is 1 throughout (one request's prompt); the service batches across requests by queueing.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ctxcache.engine.kvcache import KVCache
+from ctxcache.engine.layers import LayerSteps
 from ctxcache.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctxcache.engine.rope import Rope
+from ctxcache.engine.types import (  # noqa: F401 - re-exported
+    ContextGroup, ModelSpec, PrefillOutput, parse_dtype, upload,
+)
 from ctxcache.errors import InvalidInputError, KVMismatchError, ModelLoadError
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise InvalidInputError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Shape facts that K/V caches and kernels must agree on."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    max_positions: int
-    intermediate_size: int = 0
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        elt = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elt
-
-
-@dataclass(frozen=True)
-class ContextGroup:
-    """APE's adjustment of attention to parallel-encoded contexts: keys [start, end) are the
-    contexts; their logits are divided by ``temperature`` and their share of the softmax is
-    weighted like one term whose log-sum-exp is ``temperature · LSE + log(scale)`` (as in the
-    APE paper's reference implementation). Kept for the whole decode."""
-
-    start: int
-    end: int
-    temperature: float = 1.0
-    scale: float = 1.0
-
-
-def upload(values, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Host values → a device tensor without stalling the device queue: staged in pinned
-    memory and copied asynchronously (a plain copy from pageable memory waits for every
-    queued kernel first)."""
-    t = torch.as_tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-@dataclass
-class PrefillOutput:
-    kv: KVCache  # K/V of the *new* tokens only
-    logits: Tensor | None  # [T, vocab] or [1, vocab] (last) or None
-    hidden: Tensor | None = None  # final normed hidden states when asked for
-
-
-class Engine:
+class Engine(LayerSteps):
     """Runs one HF causal LM with explicit positions and injectable K/V."""
 
     def __init__(self, loaded: LoadedModel, kernels: str = "auto"):
@@ -212,183 +152,6 @@ class Engine:
     def embed(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)  # [T, hidden]
 
-    def _fuse_weights(self) -> list[dict]:
-        """Per layer: Q/K/V and gate/up weights concatenated into one matrix each, so a layer
-        runs 4 GEMMs instead of 7, called through F.linear without module overhead. The module
-        weights become views into the fused tensors: no extra memory, HF forward unchanged."""
-        out = []
-        for blk in self.layers:
-            a, mlp = blk.self_attn, blk.mlp
-            w = {}
-            with torch.no_grad():
-                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-                nq, nk = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0]
-                a.q_proj.weight.data = qkv[:nq]
-                a.k_proj.weight.data = qkv[nq:nq + nk]
-                a.v_proj.weight.data = qkv[nq + nk:]
-                w["qkv"] = qkv
-                w["qkv_b"] = None
-                if a.q_proj.bias is not None:
-                    b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-                    a.q_proj.bias.data, a.k_proj.bias.data = b[:nq], b[nq:nq + nk]
-                    a.v_proj.bias.data = b[nq + nk:]
-                    w["qkv_b"] = b
-                gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-                ni = mlp.gate_proj.weight.shape[0]
-                mlp.gate_proj.weight.data, mlp.up_proj.weight.data = gu[:ni], gu[ni:]
-                w["gate_up"] = gu
-                w["inter"] = ni
-            w["o"], w["down"] = a.o_proj.weight, mlp.down_proj.weight
-            w["o_b"] = a.o_proj.bias
-            w["ln1"], w["ln2"] = blk.input_layernorm, blk.post_attention_layernorm
-            w["q_norm"] = getattr(a, "q_norm", None)
-            w["k_norm"] = getattr(a, "k_norm", None)
-            out.append(w)
-        return out
-
-    def _rms(self, norm, x: Tensor) -> Tensor:
-        """RMSNorm with torch's fused kernel. In float32 (the CPU parity path) this is HF's
-        computation; in bf16/fp16 the fused kernel accumulates in fp32 and applies the weight
-        before the final rounding (HF rounds first) — one kernel instead of six."""
-        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-        if x.dtype == torch.float32:
-            return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
-
-    def add_norm(self, norm, h: Tensor, resid: Tensor | None) -> Tensor:
-        """``h += resid`` in place (the residual connection), then the RMSNorm ``norm`` of h.
-
-        The residual of one block is added at the start of the next, so the Triton path does
-        both in one pass over the rows."""
-        if self.ops.name == "triton":
-            eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-            return self.ops.add_rms_norm(h, resid, norm.weight, eps)
-        if resid is not None:
-            h.add_(resid)
-        return self._rms(norm, h)
-
-    def layer_in(self, layer: int, h: Tensor, resid: Tensor | None) -> Tensor:
-        """Residual from the previous block + input norm → the fused Q/K/V rows [T, (Hq+2Hkv)·D]
-        (Qwen3's per-head Q/K norms applied in place)."""
-        w = self._w[layer]
-        x = self.add_norm(w["ln1"], h, resid)
-        qkv = F.linear(x, w["qkv"], w["qkv_b"])
-        if w["q_norm"] is not None:
-            t, d, nq = qkv.shape[0], self.spec.head_dim, self.spec.num_heads
-            nk = self.spec.num_kv_heads
-            rows = qkv.view(t, -1, d)
-            rows[:, :nq] = w["q_norm"](rows[:, :nq])
-            rows[:, nq:nq + nk] = w["k_norm"](rows[:, nq:nq + nk])
-        return qkv
-
-    def rope_rows(self, qkv: Tensor, pos: Tensor, pos32: Tensor | None = None,
-                  K: Tensor | None = None, V: Tensor | None = None,
-                  slots: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """RoPE on the Q and K heads of ``qkv`` at ``pos``; with K/V [Hkv, N, D] also write each
-        row's K and V into them at ``slots`` (RoPE + scatter in one launch on Triton).
-
-        Returns q [Hq, T, D], k, v [Hkv, T, D] (views into ``qkv`` on the Triton path)."""
-        s = self.spec
-        t, hq, hkv = qkv.shape[0], s.num_heads, s.num_kv_heads
-        x = qkv.view(t, hq + 2 * hkv, s.head_dim)
-        if self.ops.rope_qkv is not None:
-            if pos32 is None:
-                pos32 = pos.to(torch.int32)
-            if K is not None and slots is None:
-                slots = torch.arange(t, dtype=torch.int32, device=qkv.device)
-            self.ops.rope_qkv(qkv, pos32, self.rope.inv_freq_on(qkv.device), hq, hkv,
-                              self.rope.attention_scaling, K, V, slots)
-            return (x[:, :hq].transpose(0, 1), x[:, hq:hq + hkv].transpose(0, 1),
-                    x[:, hq + hkv:].transpose(0, 1))
-        q = self.rope.apply(x[:, :hq].transpose(0, 1), pos)
-        k = self.rope.apply(x[:, hq:hq + hkv].transpose(0, 1), pos)
-        v = x[:, hq + hkv:].transpose(0, 1)
-        if K is not None:
-            if slots is None:
-                K[:, :t] = k
-                V[:, :t] = v
-            else:
-                self.ops.scatter_kv(K, V, slots.long(), k, v)
-        return q, k, v
-
-    def layer_out(self, layer: int, h: Tensor, attn_out: Tensor) -> Tensor:
-        """Output projection added to ``h`` in place, then the MLP block; returns the MLP's
-        output, the residual the next ``layer_in`` (or ``final_logits``) adds."""
-        w = self._w[layer]
-        x = self.add_norm(w["ln2"], h, F.linear(attn_out, w["o"], w["o_b"]))
-        gu = F.linear(x, w["gate_up"])
-        if self.ops.name == "triton":
-            m = self.ops.silu_mul(gu)
-        else:
-            ni = w["inter"]
-            m = F.silu(gu[:, :ni]) * gu[:, ni:]
-        return F.linear(m, w["down"])
-
-    def final_hidden(self, h: Tensor, resid: Tensor | None) -> Tensor:
-        """The last residual add and the final norm (rows given by the caller)."""
-        return self.add_norm(self.norm, h, resid)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
-               causal: bool = False) -> Tensor:
-        """Attention of queries q [Hq, Tq, D] over k/v [Hkv, Tk, D] → [Tq, Hq*D].
-
-        ``mask`` is boolean [Tq, Tk] (True = may attend) or an additive float bias broadcastable
-        to [Tq, Tk]; ``causal`` means the plain top-left
-        causal mask (only valid when queries and keys are the same tokens).
-        """
-        hq, hkv = q.shape[0], k.shape[0]
-        if mask is None:
-            out = F.scaled_dot_product_attention(
-                q[None], k[None], v[None], is_causal=causal, scale=self.scaling,
-                enable_gqa=hq != hkv,
-            )
-        else:
-            if hq != hkv:  # fused kernels take a mask only without GQA: expand K/V as HF does
-                k = k.repeat_interleave(hq // hkv, dim=0)
-                v = v.repeat_interleave(hq // hkv, dim=0)
-            out = F.scaled_dot_product_attention(
-                q[None], k[None], v[None], attn_mask=mask, scale=self.scaling
-            )
-        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
-
-    def group_plan(self, q_pos: Tensor, k_pos: Tensor, group: "ContextGroup"):
-        """Attention plan of APE's two-group attention (split-K on the Triton ops)."""
-        return self.ops.plan(q_pos, k_pos, self.spec.head_dim, False,
-                             self.spec.num_heads // self.spec.num_kv_heads, self.scaling,
-                             (group.start, group.end, group.temperature))
-
-    def attend_grouped(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
-                       group: "ContextGroup", plan=None) -> Tensor:
-        """APE attention (see ``ContextGroup``) → [Tq, Hq*D]: the contexts and the other keys
-        are two softmax terms combined by their log-sum-exps (one split-K kernel + combine on
-        the Triton ops)."""
-        if plan is None:
-            plan = self.group_plan(q_pos, k_pos, group)
-        out = self.ops.selective_attention(q, k, v, q_pos, k_pos, self.scaling, plan=plan,
-                                           log_scale=math.log(group.scale),
-                                           temperature=group.temperature,
-                                           context=(group.start, group.end))
-        return out.transpose(0, 1).reshape(q.shape[1], -1)
-
-    def logits(self, h: Tensor) -> Tensor:
-        return self.lm_head(self.norm(h)).float()
-
-    @staticmethod
-    def position_mask(q_pos: Tensor, k_pos: Tensor, n_new: int) -> Tensor:
-        """Causal-by-position mask: a query sees keys at positions ≤ its own.
-
-        The last ``n_new`` keys are the queries themselves; among those, index order also holds,
-        so tokens sharing a position never see the ones after them.
-        """
-        mask = k_pos[None, :] <= q_pos[:, None]
-        if n_new:
-            tq = q_pos.numel()
-            idx = torch.arange(n_new, device=q_pos.device)
-            own = idx[None, :] <= idx[:, None] if tq == n_new else None
-            if own is not None:
-                mask[:, -n_new:] &= own
-        return mask
-
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(
@@ -398,7 +161,7 @@ class Engine:
         kv: KVCache | None = None,
         *,
         mask: Tensor | None = None,
-        context_group: "ContextGroup | None" = None,
+        context_group: ContextGroup | None = None,
         logits: str = "last",
         return_hidden: bool = False,
     ) -> PrefillOutput:

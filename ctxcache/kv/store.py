@@ -33,6 +33,7 @@ from ctxcache.kv.eviction import AdmissionPolicy, EvictionPolicy, make_policy
 from ctxcache.kv.keys import PUBLIC_NAMESPACE, check_key, check_namespace, chunk_key
 from ctxcache.kv.serialize import CorruptEntryError
 from ctxcache.kv.tiers.base import Tier, TierUnavailableError
+from ctxcache.kv.writebehind import WriteBehind
 
 SIZE_SLACK = 4096  # serialization overhead allowed for when checking capacity before a write
 
@@ -54,7 +55,7 @@ class TierState:
         return time.monotonic() >= self.down_until
 
 
-class KVStore:
+class KVStore(WriteBehind):
     def __init__(
         self,
         tiers: Sequence[Tier],
@@ -267,59 +268,6 @@ class KVStore:
         ``common`` options (model, namespace, …) apply to all."""
         return [self.put(it["kv"], it["token_ids"], **{**common, **{
             k: v for k, v in it.items() if k not in ("kv", "token_ids")}}) for it in items]
-
-    def put_later(self, kv: KVCache, token_ids: Sequence[int] | Tensor, *, model: str,
-                  namespace: str = "default", public: bool = False, **kw) -> Future:
-        """``put`` off the request's critical path (write-behind).
-
-        The K/V is snapshotted first (the caller may reuse its buffers); lookups of the same key
-        wait for the write, so the store stays read-your-writes consistent.
-        """
-        check_namespace(namespace)
-        ids = torch.as_tensor(token_ids if not torch.is_tensor(token_ids) else token_ids.cpu(),
-                              dtype=torch.int64).reshape(-1)
-        key = self.key_for(model, ids, kw.get("prefix_key"))
-        skey = f"{PUBLIC_NAMESPACE if public else namespace}/{key}"
-        snap = kv.clone()
-        ready = None
-        if snap.k.is_cuda:  # the writer copies on its own stream once the snapshot exists
-            ready = torch.cuda.Event()
-            ready.record()
-
-        def run():
-            try:
-                if ready is None:
-                    return self.put(snap, ids, model=model, namespace=namespace, public=public,
-                                    **kw)
-                stream = self._write_stream(snap.k.device)
-                with torch.cuda.stream(stream):
-                    stream.wait_event(ready)
-                    key = self.put(snap, ids, model=model, namespace=namespace, public=public,
-                                   **kw)
-                    stream.synchronize()  # visible to readers only once fully copied
-                return key
-            finally:
-                with self._lock:
-                    if self._pending.get(skey) is fut:
-                        del self._pending[skey]
-
-        with self._lock:
-            fut = self._writer.submit(run)
-            self._pending[skey] = fut
-        return fut
-
-    def _write_stream(self, device) -> "torch.cuda.Stream":
-        """The write-behind thread's CUDA stream: its device→host copies overlap the compute
-        of the next request instead of queueing behind it on the compute stream."""
-        s = getattr(self, "_wstream", None)
-        if s is None:
-            s = self._wstream = torch.cuda.Stream(device=device)
-        return s
-
-    def flush(self) -> None:
-        """Wait for every write-behind put."""
-        for fut in list(self._pending.values()):
-            fut.result()
 
     def get(self, key: str, namespace: str = "default",
             device: torch.device | str | None = None) -> ChunkEntry | None:

@@ -24,14 +24,13 @@ import json
 import random
 import threading
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ctxcache.db import make_engine, migrate
@@ -41,92 +40,19 @@ from ctxcache.semantic.classifier import (
     DEFAULT_CATEGORIES, CategoryRouter, CentroidClassifier, load_examples, load_trained,
 )
 from ctxcache.semantic.embedder import Embedder
+from ctxcache.semantic.maintenance import Maintenance
+from ctxcache.semantic.types import (  # noqa: F401 - re-exported
+    MAX_TEXT_CHARS, CacheHit, CacheRequest, CategoryStats, LookupResult, _Meta,
+    context_fingerprint,
+)
 from ctxcache.semantic.index import VectorIndex
 from ctxcache.semantic.models import EntryDocument, SemanticEntry
 from ctxcache.semantic.policy import CategoryPolicy, LoadAdapter, default_policies, make_policy
 
-MAX_TEXT_CHARS = 32_000
 CANDIDATES = 8
 
 
-def context_fingerprint(*, documents: Sequence[str] = (), agent_id: str | None = None,
-                        temperature: float = 0.0, tools: object = None, model: str = "",
-                        system: str | None = None) -> str:
-    """Hash of everything besides the question that changes the answer.
-
-    Requests with different fingerprints never share an entry: same question over other
-    documents, for another agent, with sampling, or with tools is a different request.
-    """
-    payload = json.dumps({"docs": list(documents), "agent": agent_id,
-                          "temperature": round(float(temperature), 4), "tools": tools,
-                          "model": model, "system": system}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-@dataclass
-class CacheRequest:
-    text: str
-    tenant: str = "default"
-    category: str | None = None
-    route: str | None = None
-    context_fp: str = ""
-    model: str = ""
-    doc_ids: Sequence[str] = ()
-
-
-@dataclass
-class CacheHit:
-    entry_id: int
-    response: dict
-    similarity: float
-    category: str
-    age_s: float
-    prompt: str
-
-
-@dataclass
-class LookupResult:
-    hit: CacheHit | None
-    category: str
-    embedding: np.ndarray
-    threshold: float
-    cacheable: bool
-    latency_s: float  # index + SQL time (embedding excluded)
-    embed_s: float
-
-
-@dataclass
-class CategoryStats:
-    lookups: int = 0
-    hits: int = 0
-    inserts: int = 0
-    evictions: int = 0
-    expired: int = 0
-    skipped: int = 0  # not cacheable / errored / truncated responses
-    verified: int = 0
-    false_hits: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
-
-    def as_dict(self) -> dict:
-        lat = sorted(self.latencies)
-        pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3 if lat else None)
-        return {"lookups": self.lookups, "hits": self.hits,
-                "hit_rate": self.hits / self.lookups if self.lookups else 0.0,
-                "inserts": self.inserts, "evictions": self.evictions, "expired": self.expired,
-                "skipped": self.skipped, "verified": self.verified, "false_hits": self.false_hits,
-                "false_hit_rate_estimate": self.false_hits / self.verified if self.verified else None,
-                "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
-
-
-@dataclass
-class _Meta:
-    fp: str
-    created_at: float
-    nbytes: int
-    category: str = "other"
-
-
-class SemanticCache:
+class SemanticCache(Maintenance):
     def __init__(
         self,
         embedder: Embedder,
@@ -380,134 +306,6 @@ class SemanticCache:
             self.counts[key] += 1
             self.stats[category].inserts += 1
         return entry_id
-
-    def bulk_load(self, tenant: str, category: str, prompts: Sequence[str],
-                  embeddings: np.ndarray, responses: Sequence[dict], context_fp: str = "",
-                  batch: int = 20_000) -> int:
-        """Import many entries at once (warm-up, migration, benchmarks); quotas not enforced."""
-        check_namespace(tenant)
-        if category not in self.categories:
-            raise InvalidInputError(f"unknown category {category!r}")
-        if not (len(prompts) == len(embeddings) == len(responses)):
-            raise InvalidInputError("prompts, embeddings and responses must have equal length")
-        now = self.clock()
-        key = (tenant, category)
-        total = 0
-        for start in range(0, len(prompts), batch):
-            rows = []
-            for i in range(start, min(start + batch, len(prompts))):
-                body = json.dumps(responses[i])
-                rows.append(dict(tenant=tenant, category=category, context_fp=context_fp,
-                                 model="", prompt=prompts[i], response=body,
-                                 embedding=embeddings[i].astype(np.float32).tobytes(),
-                                 nbytes=len(body), created_at=now, last_hit_at=now, hits=0))
-            with Session(self.engine) as s:
-                ids = list(s.scalars(
-                    insert(SemanticEntry).returning(SemanticEntry.id, sort_by_parameter_order=True),
-                    rows))
-                s.commit()
-            with self._lock:
-                idx = self.indexes.get(tenant)
-                if idx is None:
-                    idx = self.indexes[tenant] = VectorIndex(self.embedder.dim,
-                                                             capacity=len(prompts))
-                idx.add(ids, embeddings[start:start + len(ids)])
-                for i, r in zip(ids, rows):
-                    self.meta[i] = _Meta(context_fp, now, r["nbytes"], category)
-                    self._owner[i] = key
-                    self.used_bytes[key] += r["nbytes"]
-                    self.counts[key] += 1
-                self.stats[category].inserts += len(ids)
-            total += len(ids)
-        return total
-
-    def _enforce_quota(self, key: tuple[str, str], policy: CategoryPolicy, incoming: int) -> None:
-        n = self.counts[key]
-        over_n = n + 1 - policy.max_entries
-        over_b = self.used_bytes[key] + incoming - policy.max_bytes
-        if over_n <= 0 and over_b <= 0:
-            return
-        self.flush()  # eviction order depends on up-to-date last-hit times
-        victims: list[int] = []
-        freed = 0
-        with Session(self.engine) as s:
-            q = (select(SemanticEntry.id, SemanticEntry.nbytes)
-                 .where(SemanticEntry.tenant == key[0], SemanticEntry.category == key[1])
-                 .order_by(SemanticEntry.last_hit_at, SemanticEntry.id))
-            for r in s.execute(q):
-                if len(victims) >= max(over_n, 0) and freed >= max(over_b, 0):
-                    break
-                victims.append(r.id)
-                freed += r.nbytes
-        self._delete_ids(victims, reason="evicted")
-
-    # ------------------------------------------------------------------ deletes
-    def _forget(self, entry_id: int) -> tuple[str, str] | None:
-        with self._lock:
-            key = self._owner.pop(entry_id, None)
-            m = self.meta.pop(entry_id, None)
-            if key is not None:
-                idx = self.indexes.get(key[0])
-                if idx is not None:
-                    idx.delete(entry_id)
-                self.counts[key] -= 1
-                if m is not None:
-                    self.used_bytes[key] -= m.nbytes
-            return key
-
-    def _delete_ids(self, ids: Iterable[int], reason: str = "invalidated") -> int:
-        ids = list(ids)
-        if not ids:
-            return 0
-        with Session(self.engine) as s:
-            for start in range(0, len(ids), 500):
-                part = ids[start:start + 500]
-                s.execute(delete(EntryDocument).where(EntryDocument.entry_id.in_(part)))
-                s.execute(delete(SemanticEntry).where(SemanticEntry.id.in_(part)))
-            s.commit()
-        for i in ids:
-            key = self._forget(i)
-            if key is not None:
-                with self._lock:
-                    st = self.stats[key[1]]
-                    if reason == "expired":
-                        st.expired += 1
-                    elif reason == "evicted":
-                        st.evictions += 1
-        return len(ids)
-
-    def invalidate(self, *, entry_id: int | None = None, tenant: str | None = None,
-                   category: str | None = None, doc_id: str | None = None) -> int:
-        """Delete entries matching all the given filters (at least one is required)."""
-        if entry_id is None and tenant is None and category is None and doc_id is None:
-            raise InvalidInputError("invalidate needs an id, tenant, category or document")
-        if category is not None and category not in self.categories:
-            raise InvalidInputError(f"unknown category {category!r}")
-        if tenant is not None:
-            check_namespace(tenant)
-        q = select(SemanticEntry.id)
-        if entry_id is not None:
-            q = q.where(SemanticEntry.id == entry_id)
-        if tenant is not None:
-            q = q.where(SemanticEntry.tenant == tenant)
-        if category is not None:
-            q = q.where(SemanticEntry.category == category)
-        if doc_id is not None:
-            q = q.where(SemanticEntry.id.in_(
-                select(EntryDocument.entry_id).where(EntryDocument.doc_id == str(doc_id))))
-        with Session(self.engine) as s:
-            ids = [r[0] for r in s.execute(q)]
-        return self._delete_ids(ids)
-
-    def purge_expired(self) -> int:
-        now = self.clock()
-        expired = []
-        with self._lock:
-            for i, m in list(self.meta.items()):
-                cat = self._owner[i][1]
-                if now - m.created_at > self.load.ttl(self.policies[cat]):
-                    expired.append(i)
-        return self._delete_ids(expired, reason="expired")
 
     # ------------------------------------------------------------------ policy & stats
     def set_policy(self, category: str, values: dict) -> CategoryPolicy:
