@@ -205,6 +205,22 @@ def gateway() -> str:
          for c in d["concurrency"]])
 
 
+def agents() -> str:
+    parts = []
+    for path in sorted(R.glob("agents_*.json")):
+        d = json.loads(path.read_text())
+        a = d["args"]
+        parts.append(
+            f"**{d['model']}** ({a['dtype']}, {d['env'].get('device', a['device'])}): "
+            f"{a['agents']} agents × {a['episodes']} episodes, ~{a['shared']} shared tokens "
+            f"under ~{a['prefix']}-token private prefixes\n\n" + table(
+                ["strategy", "shared tokens reused", "TTFT (ms)", "× vs no sharing",
+                 "same answer as no sharing", "answer F1"],
+                [[s["strategy"], s["shared_reuse_rate"], s["ttft_ms"], s["speedup_vs_no_sharing"],
+                  s["agreement_with_no_sharing"], s["answer_f1"]] for s in d["summary"]]))
+    return "\n\n".join(parts) or "(not run)"
+
+
 if __name__ == "__main__":
     for title, fn in (("Embedded engine (`benchmarks/engine.py`)", engine),
                       ("TTFT of reuse strategies (`benchmarks/ttft.py`)", ttft),
@@ -212,6 +228,7 @@ if __name__ == "__main__":
                       ("Long-context retrieval (`benchmarks/longctx.py`)", longctx),
                       ("Triton kernels (`benchmarks/kernels_gpu.py`)", kernels),
                       ("Reuse fidelity (`benchmarks/fidelity.py`)", fidelity),
+                      ("Agents sharing context (`benchmarks/agents.py`)", agents),
                       ("Chunk KV store (`benchmarks/kvstore.py`)", kvstore),
                       ("Semantic cache (`benchmarks/semantic.py`)", semantic),
                       ("Gateway (`benchmarks/gateway.py`)", gateway)):

@@ -1,5 +1,5 @@
-"""Three agents sharing one conversation: each message's KV is computed once and reused by
-every agent under its own system prompt.
+"""Three agents sharing one conversation over the REST API: each message's KV is computed once
+and reused by every agent under its own system prompt (KVCOMM by default).
 
     ctxcache serve &
     python examples/agents_team.py
@@ -23,5 +23,6 @@ for round_ in range(2):
     for agent in ("planner", "budget", "critic"):
         out = client.post(f"/v1/agents/sessions/{sid}/generate",
                           json={"agent": agent, "max_tokens": 60}).json()
-        print(f"[{agent}] {out['content'].strip()}\n    reused {out['ctxcache']['reused_tokens']}"
-              f" prompt tokens, recomputed {out['ctxcache']['recomputed_tokens']}")
+        meta = out["ctxcache"]
+        print(f"[{agent}] {out['content'].strip()}\n    {meta['strategy']}: reused "
+              f"{meta['reused_tokens']} prompt tokens, recomputed {meta['recomputed_tokens']}")

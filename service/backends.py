@@ -18,6 +18,7 @@ from ctxcache.engine import Engine, SamplingParams
 from ctxcache.engine.generate import GenerationChunk, stream_from_kv
 from ctxcache.errors import CtxCacheError, InvalidInputError
 from ctxcache.fusion import FusionContext, Planner, Segment, default_strategies
+from ctxcache.fusion.prompts import rag_segments, rag_template  # noqa: F401 - re-exported
 from ctxcache.kv.store import KVStore
 
 
@@ -66,22 +67,6 @@ class Backend(ABC):
         pass
 
 
-def rag_template(engine: Engine, system: str) -> tuple[list[int], str, str]:
-    """Token ids of the prompt head (system + opening of the user turn) and the text that
-    follows the passages, rendered through the model's own chat template."""
-    marker = "\u2063CTXCACHE-PASSAGES\u2063"
-    tok = engine.tokenizer
-    if tok is None or tok.chat_template is None:
-        head = f"system: {system}\nuser: "
-        return engine.encode(head), "", "\nassistant: "
-    rendered = tok.apply_chat_template(
-        [{"role": "system", "content": system}, {"role": "user", "content": marker + "Q"}],
-        add_generation_prompt=True, tokenize=False)
-    head, tail = rendered.split(marker, 1)
-    q_at = tail.index("Q")
-    return engine.encode(head), tail[:q_at], tail[q_at + 1:]
-
-
 class EmbeddedBackend(Backend):
     """Our engine: chat and text prompts reuse their cached prefix (exact), RAG and agent
     prompts go through the planner's reuse strategies over the chunk KV store."""
@@ -114,13 +99,8 @@ class EmbeddedBackend(Backend):
         return segs
 
     def rag_segments(self, rag: RagPrompt) -> list[Segment]:
-        e = self.engine
-        head, between, after = rag_template(e, rag.system)
-        segs = [Segment.prefix(head)]
-        ids_list = rag.passage_ids or [e.encode(p.rstrip() + "\n\n") for p in rag.passages]
-        segs += [Segment.chunk(ids) for ids in ids_list if ids]
-        segs.append(Segment.text(e.encode(between + rag.question + after)))
-        return segs
+        return rag_segments(self.engine, rag.system, rag.passages, rag.question,
+                            rag.passage_ids)
 
     def generate(self, req: GenRequest) -> GenStream:
         e = self.engine

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctxcache.errors import CtxCacheError, InvalidInputError, KVMismatchError, UnknownChunkError
-from ctxcache.service.agents import UnknownSessionError
+from ctxcache.agents.session import UnknownSessionError
 from ctxcache.service.backends import BackendUnavailableError
 from ctxcache.service.documents import UnknownDocumentError
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ctxcache.service.agents import AgentSessions
+from ctxcache.agents.session import AgentSessions
 from ctxcache.service.auth import KeyStore, RateLimiter
 from ctxcache.service.backends import Backend
 from ctxcache.service.documents import DocumentService

@@ -16,6 +16,15 @@ STRATEGIES = {"full": FullPrefill, "prefix": PrefixReuse, "naive": NaiveReuse,
               "cacheblend": CacheBlend, "cachecraft": CacheCraft, "ape": APE}
 
 
+def _kvcomm(**params) -> FusionStrategy:
+    from ctxcache.agents.kvcomm import KVComm  # noqa: PLC0415 - agents build on fusion
+
+    return KVComm(**params)
+
+
+STRATEGIES["kvcomm"] = _kvcomm  # KVCOMM (ctxcache/agents/): shared segments across agents
+
+
 def make_strategy(name: str, **params) -> FusionStrategy:
     try:
         cls = STRATEGIES[name]

@@ -30,7 +30,7 @@ from ctxcache.fusion.costmodel import CostModel
 from ctxcache.kv.keys import chunk_key
 
 # cheapest first (typical compute share of full prefill)
-AUTO_ORDER = ("naive", "ape", "cacheblend", "cachecraft", "prefix")
+AUTO_ORDER = ("naive", "ape", "kvcomm", "cacheblend", "cachecraft", "prefix")
 
 
 def first_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:

@@ -6,7 +6,8 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request
 
-from ctxcache.service.agents import message_text
+from ctxcache.agents import team
+from ctxcache.agents.session import agent_prompt
 from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import gw_dep, tenant_dep
 from ctxcache.service.errors import APIError
@@ -38,15 +39,10 @@ async def delete_session(sid: str, gw: Gateway = Depends(gw_dep),
 
 
 def cache_message(gw: Gateway, tenant: str, agent: str, content: str) -> None:
-    """Prefill a message once (prefix-free) so every agent can reuse its K/V."""
+    """Encode a message once (prefix-free) so every agent can reuse its K/V."""
     engine = getattr(gw.backend, "engine", None)
-    if engine is None or gw.store is None:
-        return
-    from ctxcache.fusion.base import FusionContext, FusionStats
-    from ctxcache.fusion.chunks import chunk_kv
-
-    ids = engine.encode(message_text(agent, content).rstrip() + "\n\n")
-    chunk_kv(FusionContext(engine, gw.store, tenant), ids, FusionStats("agent"))
+    if engine is not None and gw.store is not None:
+        team.cache_message(engine, gw.store, tenant, agent, content)
 
 
 @router.post("/v1/agents/sessions/{sid}/messages")
@@ -66,11 +62,10 @@ async def agent_generate(sid: str, body: AgentGenerate, request: Request,
     check_strategy(gw, body.strategy)
     params = sampling(body.max_tokens, body.temperature, 1.0, [], None,
                       gw.settings.max_tokens_limit)
-    passages = [message_text(a, c) for a, c in s.messages]
-    question = f"Reply as {body.agent}, in one message."
-    req = GenRequest(params, t.name, rag=RagPrompt(s.system_for(body.agent), passages
-                                                   or [s.shared_context], question),
-                     strategy=body.strategy)
+    system, passages, cue = agent_prompt(s, body.agent)
+    # agents share messages under different prefixes: KVCOMM unless asked otherwise
+    req = GenRequest(params, t.name, rag=RagPrompt(system, passages, cue),
+                     strategy=body.strategy or "kvcomm")
 
     def append(text: str, finish: str) -> None:
         if body.append and text.strip():

@@ -1,10 +1,10 @@
-"""Agent sessions: several agents sharing one conversation.
+"""Agent team sessions: several agents sharing one conversation.
 
-Each message is a chunk. When an agent speaks, its prompt is its own system prompt + the shared
-context as the prompt head, then every message so far as chunks, then a cue to answer. The
-messages' K/V is cached once (prefix-free, at append time) and reused by every agent under its
-own prefix; the reuse strategy (CacheBlend by default) repairs the cross-prefix deviation. (KVCOMM
-would estimate that deviation from an anchor pool instead; not implemented yet.)
+Each message is a shared segment (a chunk with a content key). When an agent speaks, its prompt
+is its own prefix — its system prompt + the shared context — then every message so far as
+chunks, then a cue to answer. The messages' K/V is cached once (prefix-free, at append time) and
+reused by every agent under its own prefix; KVCOMM (``kvcomm.py``) corrects the cross-prefix
+deviation from an anchor pool, CacheBlend repairs what is left.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ class AgentSession:
 
 def message_text(agent: str, content: str) -> str:
     return f"{agent}: {content}"
+
+
+def agent_prompt(session: "AgentSession", agent: str):
+    """(system prompt, shared segments as passage texts, turn cue) of ``agent``'s next turn."""
+    passages = [message_text(a, c) for a, c in session.messages] or [session.shared_context]
+    return session.system_for(agent), passages, f"Reply as {agent}, in one message."
 
 
 class AgentSessions:
