@@ -119,17 +119,29 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=24, help="answer tokens (0: TTFT only)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--similarity", default="0.95",
-                    help="KVCOMM anchor similarity thresholds to compare, comma-separated")
+    ap.add_argument("--kvcomm", default="0.95/0.05",
+                    help="KVCOMM variants to compare, comma-separated min_similarity/recompute "
+                         "ratio pairs, e.g. 0.95/0.05,0.8/0.15")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated baselines to run besides kvcomm (default: all); "
+                         "'no sharing' always runs: it is the reference")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    for sim in args.similarity.split(","):
-        STRATEGIES[f"kvcomm sim≥{sim}"] = ("kvcomm", {"min_similarity": float(sim)})
     del STRATEGIES["kvcomm"]
+    if args.only:
+        keep = {"no sharing", *(x.strip() for x in args.only.split(","))}
+        for name in list(STRATEGIES):
+            if name not in keep:
+                del STRATEGIES[name]
+    for variant in args.kvcomm.split(","):
+        sim, _, r = variant.partition("/")
+        STRATEGIES[f"kvcomm sim≥{sim} r={r or 0.05}"] = (
+            "kvcomm", {"min_similarity": float(sim), "recompute_ratio": float(r or 0.05)})
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     eps = episodes(engine, args.episodes, args.agents, args.shared, args.prefix, args.seed)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    rows = {name: {"ttft": [], "reuse": [], "agree": [], "f1": [], "routes": {}}
+    rows = {name: {"ttft": [], "reuse": [], "agree": [], "f1": [], "routes": {},
+                   "phases": {}}
             for name in STRATEGIES}
     ref_answers = {}
     t_start = time.perf_counter()
@@ -165,6 +177,8 @@ def main() -> None:
                 r = rows[name]
                 if ai > 0:
                     r["ttft"].append(ttft)
+                    for k, v in st.phases.items():  # host-side seconds per phase
+                        r["phases"].setdefault(k, []).append(v)
                 r["reuse"].append(reuse)
                 for k, v in st.extra.get("routes", {}).items():
                     r["routes"][k] = r["routes"].get(k, 0) + v
@@ -189,7 +203,9 @@ def main() -> None:
                         "ttft_ms": t * 1e3, "speedup_vs_no_sharing": base / t,
                         "agreement_with_no_sharing": mean(r["agree"]) if args.tokens else None,
                         "answer_f1": mean(r["f1"]) if args.tokens else None,
-                        "routes": r["routes"]})
+                        "routes": r["routes"],
+                        "phases_ms": {k: statistics.median(v) * 1e3
+                                      for k, v in r["phases"].items()}})
     print_table(f"multi-agent sharing — {engine.name} {args.dtype} on {args.device}: "
                 f"{args.agents} agents × {len(eps)} episodes, ~{args.shared} shared tokens, "
                 f"~{args.prefix}-token prefixes",

@@ -86,24 +86,25 @@ class AnchorPool:
         return found
 
     def estimate(self, ctx: FusionContext, ids, signature: np.ndarray
-                 ) -> tuple[KVCache | None, float]:
-        """(blended offset on the engine's device, best similarity) — offset None when no
-        anchor is similar enough."""
+                 ) -> tuple[list[tuple[KVCache, float]], float]:
+        """([(anchor offset on the engine's device, blend weight)], best similarity) — the list
+        is empty when no anchor is similar enough. The caller adds them to the base K/V
+        (``apply_offsets``): blending there saves a pass over the segment's K/V."""
         anchors = self.anchors(ctx, ids)
         if not anchors:
             self.counters["no_anchor"] += 1
-            return None, 0.0
+            return [], 0.0
         sims = np.array([float(a.signature @ signature) for a in anchors])
         order = np.argsort(-sims)[: self.top_k]
         order = [i for i in order if sims[i] >= self.min_similarity]
         best = float(sims.max())
         if not order:
             self.counters["no_anchor"] += 1
-            return None, best
+            return [], best
         w = np.exp((sims[order] - sims[order].max()) / self.temperature)
         w = w / w.sum()
         fp, dev = ctx.engine.fingerprint, ctx.engine.device
-        dk = dv = None
+        parts = []
         for i, wi in zip(order, w):
             a = anchors[i]
             e = ctx.store.get(self.slot_key(fp, ids, a.slot), ctx.namespace, device=dev)
@@ -112,15 +113,13 @@ class AnchorPool:
                     self._known.pop((ctx.namespace, chunk_key(fp, ids)), None)
                 continue
             a.used_at = time.time()
-            k, v = e.kv.k.float(), e.kv.v.float()
-            dk = k * wi if dk is None else dk + k * wi
-            dv = v * wi if dv is None else dv + v * wi
-        if dk is None:
+            parts.append((e.kv, float(wi)))
+        if not parts:
             self.counters["no_anchor"] += 1
-            return None, best
+            return [], best
+        total = sum(wi for _, wi in parts)  # renormalise when an anchor went missing
         self.counters["estimates"] += 1
-        n = dk.shape[2]
-        return KVCache(dk, dv, torch.arange(n, device=dev)), best
+        return [(kv, wi / total) for kv, wi in parts], best
 
     def add(self, ctx: FusionContext, ids, signature: np.ndarray, offset: KVCache) -> int:
         """Record an observed offset (write-behind); returns the slot it takes."""
@@ -152,6 +151,23 @@ class AnchorPool:
 
 
 @torch.inference_mode()
+def apply_offsets(base: KVCache, parts: list[tuple[KVCache, float]]) -> KVCache:
+    """base + Σ wᵢ·offsetᵢ in the cache dtype: one fused multiply-add per anchor and tensor (the
+    offsets are stored in the cache dtype, so no float32 round trip on the hot path)."""
+    dev = parts[0][0].k.device  # the engine's (the base may sit in pinned host memory)
+    k, v = base.k, base.v
+    for i, (off, w) in enumerate(parts):
+        ok, ov = off.k.to(dev, k.dtype), off.v.to(dev, v.dtype)
+        if i == 0:
+            k = torch.add(k.to(dev, non_blocking=True), ok, alpha=w)
+            v = torch.add(v.to(dev, non_blocking=True), ov, alpha=w)
+        else:
+            k.add_(ok, alpha=w)
+            v.add_(ov, alpha=w)
+    return KVCache(k, v, base.positions)
+
+
+@torch.inference_mode()
 def offset_of(engine: Engine, true_k: Tensor, true_v: Tensor, shift: int, base: KVCache
               ) -> KVCache:
     """The exact K/V of a segment placed ``shift`` positions after its base encoding, minus the
@@ -160,6 +176,7 @@ def offset_of(engine: Engine, true_k: Tensor, true_v: Tensor, shift: int, base: 
     if shift:
         inv = engine.rope.inv_freq_on(k.device)
         engine.ops.rope_shift(k, torch.full((k.shape[2],), -shift, device=k.device), inv)
-    return KVCache(k.float() - base.k.to(k.device).float(),
-                   true_v.float() - base.v.to(k.device).float(),
+    dtype = true_k.dtype  # kept in the cache dtype: as precise as the K/V it corrects
+    return KVCache((k.float() - base.k.to(k.device).float()).to(dtype),
+                   (true_v.float() - base.v.to(k.device).float()).to(dtype),
                    torch.arange(k.shape[2], device=k.device))

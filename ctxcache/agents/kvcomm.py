@@ -20,8 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ctxcache.agents.anchors import AnchorPool, offset_of, signatures
-from ctxcache.engine.kvcache import KVCache
+from ctxcache.agents.anchors import AnchorPool, apply_offsets, offset_of, signatures
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
 from ctxcache.fusion.cacheblend import CacheBlend, exact_prefix, fill_stats
@@ -75,12 +74,9 @@ class KVComm(FusionStrategy):
                 shift[p.start] = p.start - _first_position(base)
                 kv, route = base, "base"
                 if self.use_anchors:
-                    offset, _ = self.pool.estimate(ctx, p.arr, sigs[i])
-                    if offset is not None:
-                        kv = KVCache((base.k.float() + offset.k).to(engine.dtype),
-                                     (base.v.float() + offset.v).to(engine.dtype),
-                                     base.positions)
-                        route = "estimate"
+                    parts, _ = self.pool.estimate(ctx, p.arr, sigs[i])
+                    if parts:
+                        kv, route = apply_offsets(base, parts), "estimate"
                     else:
                         route = "calibrate"
                 routes[p.start] = route
