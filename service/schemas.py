@@ -79,6 +79,12 @@ class ChatCompletionRequest(SamplingFields):
     # ctxcache extensions (ignored by other servers)
     cache: bool = True
     category: str | None = None
+    document_ids: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="ingested documents to answer from: their chunk K/V is reused")
+    passages: list[str] = Field(default_factory=list, max_length=64,
+                                description="passages to answer from (cached as chunks)")
+    strategy: str | None = Field(None, description="reuse strategy for documents/passages")
 
 
 class CompletionRequest(SamplingFields):

@@ -215,6 +215,39 @@ def test_documents_and_rag_reuse_chunk_kv(gw_open):
     assert httpx.get(u + f"/v1/documents/{r1['id']}").status_code == 404
 
 
+def test_chat_completions_grounded_on_documents(gw_open):
+    """The OpenAI endpoint answers from ingested documents (extra_body) reusing their chunk
+    K/V; the response says which strategy ran; bad extras are 400s."""
+    doc = ("Lake Baikal in Siberia is the deepest lake in the world, with a maximum depth of "
+           "1,642 metres.\n\nIt holds about 22% of the world's fresh surface water.")
+    u = gw_open.url
+    did = httpx.post(u + "/v1/documents", json={"documents": [{"text": doc}]},
+                     timeout=120).json()["data"][0]["id"]
+    c = oa(u)
+    msgs = [{"role": "system", "content": "Answer from the documents."},
+            {"role": "user", "content": "Which lake is the deepest in the world?"}]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16,
+                                  extra_body={"document_ids": [did], "cache": False})
+    meta = r.model_extra["ctxcache"]
+    assert "Baikal" in r.choices[0].message.content
+    assert meta["strategy"] == "cacheblend" and meta["reused_tokens"] > 0
+    assert r.usage.prompt_tokens_details.cached_tokens == meta["reused_tokens"]
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=16, stream=True,
+        extra_body={"passages": [doc], "strategy": "full", "cache": False}) if ch.choices)
+    assert "Baikal" in streamed
+    for extra, param in (({"document_ids": [did], "strategy": "nope"}, "strategy"),
+                         ({"document_ids": ["missing"]}, None),
+                         ({"passages": ["  "]}, "passages")):
+        bad = httpx.post(u + "/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                                                             **extra})
+        assert bad.status_code in (400, 404), bad.text
+        assert bad.json()["error"]["message"]
+    only_system = httpx.post(u + "/v1/chat/completions", json={
+        "model": MODEL, "messages": msgs[:1], "passages": [doc]})
+    assert only_system.status_code == 400 and "user turn" in only_system.json()["error"]["message"]
+
+
 def test_agent_session_reuses_messages(gw_open):
     u = gw_open.url
     s = httpx.post(u + "/v1/agents/sessions", json={

@@ -7,11 +7,13 @@ import json
 from fastapi import APIRouter, Depends, Request
 
 from ctxcache.semantic.cache import context_fingerprint
-from ctxcache.service.backends import GenRequest
+from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import check_model, gw_dep, tenant_dep
+from ctxcache.service.documents import DEFAULT_RAG_SYSTEM
 from ctxcache.service.errors import APIError
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.pipeline import Call, sampling, serve
+from ctxcache.service.routes.rag import check_strategy, document_passages
 from ctxcache.service.schemas import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter()
@@ -35,6 +37,8 @@ async def chat(body: ChatCompletionRequest, request: Request,
                        param="messages")
     params = sampling(body.max_completion_tokens or body.max_tokens, body.temperature,
                       body.top_p, body.stop, body.seed, gw.settings.max_tokens_limit)
+    if body.document_ids or body.passages:
+        return await grounded_chat(body, messages, params, request, gw, t)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     history = messages[:-1] if messages[-1]["role"] == "user" else messages
     fp = context_fingerprint(documents=[json.dumps(history)], temperature=body.temperature,
@@ -43,6 +47,35 @@ async def chat(body: ChatCompletionRequest, request: Request,
                 "/v1/chat/completions", body.cache and not body.tools)
     return await serve(gw, request, GenRequest(params, t.name, messages=messages), call,
                        stream=body.stream)
+
+
+async def grounded_chat(body: ChatCompletionRequest, messages: list[dict], params,
+                        request: Request, gw: Gateway, t: Tenant):
+    """A chat turn answered from documents/passages, laid out like /v1/rag so their chunk K/V
+    is reused: system messages → system prompt, passages → chunks, the conversation → the
+    question. Earlier turns are rendered as text before the last message (approximation: the
+    model sees them inside one user turn, not as separate chat turns)."""
+    check_strategy(gw, body.strategy)
+    passages = await document_passages(gw, t.name, body.document_ids, body.passages)
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    turns = [m for m in messages if m["role"] != "system" and m["content"]]
+    if not turns:
+        raise APIError(400, "messages need a user turn besides the system prompt",
+                       code="invalid_value", param="messages")
+    question = turns[-1]["content"]
+    if len(turns) > 1:
+        question = "\n".join(f"{m['role']}: {m['content']}" for m in turns[:-1]) + \
+            f"\n{turns[-1]['role']}: {question}"
+    system = system or DEFAULT_RAG_SYSTEM
+    fp = context_fingerprint(documents=sorted(body.document_ids) + body.passages
+                             + [json.dumps(turns[:-1])], temperature=body.temperature,
+                             system=system + json.dumps(body.stop), model=body.model)
+    call = Call("chat", body.model, t.name, turns[-1]["content"], fp, body.category,
+                "/v1/chat/completions", body.cache, body.document_ids,
+                {"passages": len(passages)})
+    req = GenRequest(params, t.name, rag=RagPrompt(system, passages, question),
+                     strategy=body.strategy)
+    return await serve(gw, request, req, call, stream=body.stream)
 
 
 @router.post("/v1/completions")

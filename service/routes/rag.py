@@ -27,17 +27,23 @@ def check_strategy(gw: Gateway, strategy: str | None) -> None:
                        code="invalid_value", param="strategy")
 
 
+async def document_passages(gw: Gateway, tenant: str, document_ids: list[str],
+                            passages: list[str]) -> list[str]:
+    """The chunks of the ingested documents (in order) followed by the given passages."""
+    out = await asyncio.to_thread(gw.docs.chunks, tenant, document_ids) if document_ids else []
+    out += passages
+    if any(not p.strip() for p in out):
+        raise APIError(400, "passages must not be empty", code="invalid_value",
+                       param="passages")
+    return out
+
+
 @router.post("/v1/rag")
 async def rag(body: RagRequest, request: Request, gw: Gateway = Depends(gw_dep),
               t: Tenant = Depends(tenant_dep)):
     if not body.document_ids and not body.passages:
         raise APIError(400, "give document_ids or passages", code="invalid_value")
-    passages = await asyncio.to_thread(gw.docs.chunks, t.name, body.document_ids) \
-        if body.document_ids else []
-    passages += body.passages
-    if any(not p.strip() for p in passages):
-        raise APIError(400, "passages must not be empty", code="invalid_value",
-                       param="passages")
+    passages = await document_passages(gw, t.name, body.document_ids, body.passages)
     params = sampling(body.max_tokens, body.temperature, body.top_p, body.stop, None,
                       gw.settings.max_tokens_limit)
     check_strategy(gw, body.strategy)
