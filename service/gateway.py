@@ -100,20 +100,12 @@ class Gateway:
             return SGLangBackend(s.sglang_url, s.sglang_timeout_s, s.model)
         from ctxcache.engine import Engine
         from ctxcache.fusion import Planner, default_strategies
-        from ctxcache.kv import DiskTier, KVStore, MemoryTier, RedisTier
+        from ctxcache.kv.config import build_store
         from ctxcache.service.backends import EmbeddedBackend
 
         engine = Engine.load(s.model, device=s.device, dtype=s.dtype)
         if self.store is None:
-            tiers = []
-            if s.kv_gpu_bytes and s.device.startswith("cuda"):
-                tiers.append(MemoryTier(s.kv_gpu_bytes, s.device))
-            tiers.append(MemoryTier(s.kv_cpu_bytes, "cpu"))
-            if s.kv_disk_bytes:
-                tiers.append(DiskTier(s.data_dir / "kv", s.kv_disk_bytes))
-            if s.redis_url:
-                tiers.append(RedisTier(s.redis_url, s.kv_redis_bytes))
-            self.store = KVStore(tiers, eviction=s.kv_eviction, codec=s.kv_codec)
+            self.store = build_store(s, device=s.device)
         planner = Planner(default_strategies(cacheblend={"recompute_ratio": s.recompute_ratio}),
                           default=s.strategy)
         if s.cost_model == "on":  # in the background: serving starts at once, guarded once ready

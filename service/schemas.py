@@ -157,6 +157,21 @@ class AgentGenerate(_Checked):
     append: bool = True  # add the answer to the session as the agent's message
 
 
+class ClientCacheLookup(_Checked):
+    """A client-side cache (e.g. LangChain's LLM cache) asking the semantic cache."""
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    scope: str = Field("", max_length=20_000,
+                       description="everything besides the prompt that changes the answer "
+                                   "(model and its parameters, history): entries of another "
+                                   "scope never match")
+    category: str | None = None
+
+
+class ClientCacheEntry(ClientCacheLookup):
+    value: Any = Field(description="any JSON value, returned as is on a hit")
+
+
 class FlushRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
     tenant: str | None = None

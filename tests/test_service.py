@@ -248,6 +248,29 @@ def test_chat_completions_grounded_on_documents(gw_open):
     assert only_system.status_code == 400 and "user turn" in only_system.json()["error"]["message"]
 
 
+def test_client_cache_endpoints(gw_open):
+    """The semantic cache as a key–value cache for client-side caches: scoped, any JSON."""
+    u = gw_open.url
+    q = {"prompt": "How do I reverse a list in Python?", "scope": "model-a|t=0"}
+    assert httpx.post(u + "/v1/cache/lookup", json=q).json()["hit"] is False
+    value = [{"text": "Use reversed(xs) or xs[::-1].", "type": "Generation"}]
+    put = httpx.post(u + "/v1/cache/entries", json={**q, "value": value}).json()
+    assert put["stored"] and put["id"]
+    hit = httpx.post(u + "/v1/cache/lookup", json=q).json()
+    assert hit["hit"] and hit["value"] == value and hit["similarity"] > 0.99
+    para = httpx.post(u + "/v1/cache/lookup", json={
+        **q, "prompt": "how can I reverse a Python list?"}).json()
+    assert para["hit"] and para["value"] == value
+    other = httpx.post(u + "/v1/cache/lookup", json={**q, "scope": "model-b"}).json()
+    assert other["hit"] is False
+    assert httpx.delete(u + "/v1/cache/entries", params={"scope": "model-a|t=0"}
+                        ).json()["removed"] == 1
+    assert httpx.post(u + "/v1/cache/lookup", json=q).json()["hit"] is False
+    bad = httpx.post(u + "/v1/cache/lookup", json={"prompt": ""})
+    assert bad.status_code == 400 or bad.status_code == 422
+    assert httpx.post(u + "/v1/cache/entries", json=q).status_code in (400, 422)
+
+
 def test_agent_session_reuses_messages(gw_open):
     u = gw_open.url
     s = httpx.post(u + "/v1/agents/sessions", json={

@@ -14,6 +14,7 @@ from ctxcache.kv.codec import get_codec
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAMES_DTYPE = {v: k for k, v in _DTYPE_NAMES.items()}
+BLOB_DTYPE = "blob"  # EntryMeta.dtype of opaque byte entries (KVStore.put_blob)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from torch import Tensor
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.errors import InvalidInputError
 from ctxcache.kv.codec import get_codec
-from ctxcache.kv.entry import ChunkEntry, EntryMeta, StoredEntry, dtype_name
+from ctxcache.kv.entry import BLOB_DTYPE, ChunkEntry, EntryMeta, StoredEntry, dtype_name
 from ctxcache.kv.eviction import AdmissionPolicy, EvictionPolicy, make_policy
 from ctxcache.kv.keys import PUBLIC_NAMESPACE, check_key, check_namespace, chunk_key
 from ctxcache.kv.serialize import CorruptEntryError
@@ -208,8 +208,11 @@ class KVStore(WriteBehind):
                          recompute_cost=float(recompute_cost if recompute_cost else ids.numel()),
                          prefix_key=prefix_key, public=public, extra=extra or {},
                          first_position=int(kv.positions[0]) if kv.num_tokens else 0)
-        entry = StoredEntry.encode(meta, kv, ids, stats)
-        skey = f"{ns}/{key}"
+        self._store(f"{ns}/{key}", StoredEntry.encode(meta, kv, ids, stats))
+        return key
+
+    def _store(self, skey: str, entry: StoredEntry) -> bool:
+        """Top tier (+ persistent tiers when writing through); else the first that takes it."""
         stored = False
         for level, st in enumerate(self.tiers):
             if level == 0 or (self.write_through and st.tier.persistent):
@@ -217,15 +220,43 @@ class KVStore(WriteBehind):
         if not stored:  # top tier full or down: fall through to the first tier that takes it
             for level in range(1, len(self.tiers)):
                 if self._insert(level, skey, entry):
-                    break
-        return key
+                    return True
+        return stored
+
+    # ------------------------------------------------------------------ opaque blobs
+    def put_blob(self, key: str, data: Tensor, *, namespace: str = "default",
+                 model: str = "blob", extra: dict | None = None) -> bool:
+        """Store opaque bytes (e.g. a page of another engine's KV pool) under a caller-chosen
+        hex key, in the same tiers, with the same eviction and tenancy as chunk K/V — so an
+        external engine shares our disk / Redis tiers. Returns whether some tier took it."""
+        check_key(key)
+        check_namespace(namespace)
+        u8 = data.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+        meta = EntryMeta(key=key, namespace=namespace, model=model, num_tokens=0,
+                         dtype=BLOB_DTYPE, codec="raw", recompute_cost=float(u8.numel()),
+                         extra={"dtype": str(data.dtype).removeprefix("torch."),
+                                "shape": list(data.shape), **(extra or {})})
+        with self._lock:
+            self.counters["puts"] += 1
+        return self._store(f"{namespace}/{key}", StoredEntry(meta, {"blob": u8}))
+
+    def get_blob(self, key: str, namespace: str = "default") -> tuple[Tensor, dict] | None:
+        """(the bytes as a flat uint8 tensor, the metadata given at put) or None."""
+        check_key(key)
+        check_namespace(namespace)
+        entry = self._lookup(f"{namespace}/{key}", None, raw=True)
+        if entry is None or entry.meta.dtype != BLOB_DTYPE:
+            with self._lock:
+                self.counters["misses"] += 1
+            return None
+        return entry.tensors["blob"], entry.meta.extra
 
     def _wait_pending(self, skey: str) -> None:
         fut = self._pending.get(skey)
         if fut is not None:
             fut.result()  # read-your-writes: a lookup never misses a put still in flight
 
-    def _lookup(self, skey: str, device) -> ChunkEntry | None:
+    def _lookup(self, skey: str, device, raw: bool = False):
         self._wait_pending(skey)
         for level, st in enumerate(self.tiers):
             if not st.healthy:
@@ -260,7 +291,7 @@ class KVStore(WriteBehind):
                     if self._insert(up, skey, entry):
                         with self._lock:
                             self.counters["promotions"] += 1
-            return entry.decode(device)
+            return entry if raw else entry.decode(device)
         return None
 
     def put_many(self, items: Sequence[dict], **common) -> list[str | None]:

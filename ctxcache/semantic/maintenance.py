@@ -117,10 +117,13 @@ class Maintenance:
         return len(ids)
 
     def invalidate(self, *, entry_id: int | None = None, tenant: str | None = None,
-                   category: str | None = None, doc_id: str | None = None) -> int:
+                   category: str | None = None, doc_id: str | None = None,
+                   context_fp: str | None = None) -> int:
         """Delete entries matching all the given filters (at least one is required)."""
-        if entry_id is None and tenant is None and category is None and doc_id is None:
-            raise InvalidInputError("invalidate needs an id, tenant, category or document")
+        if entry_id is None and tenant is None and category is None and doc_id is None \
+                and context_fp is None:
+            raise InvalidInputError("invalidate needs an id, tenant, category, document or "
+                                    "context")
         if category is not None and category not in self.categories:
             raise InvalidInputError(f"unknown category {category!r}")
         if tenant is not None:
@@ -132,6 +135,8 @@ class Maintenance:
             q = q.where(SemanticEntry.tenant == tenant)
         if category is not None:
             q = q.where(SemanticEntry.category == category)
+        if context_fp is not None:
+            q = q.where(SemanticEntry.context_fp == context_fp)
         if doc_id is not None:
             q = q.where(SemanticEntry.id.in_(
                 select(EntryDocument.entry_id).where(EntryDocument.doc_id == str(doc_id))))

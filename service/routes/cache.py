@@ -1,4 +1,5 @@
-"""Cache administration (admin key): statistics, flush, per-category policies, API keys."""
+"""Cache administration (admin key): statistics, flush, per-category policies, API keys; and
+the semantic cache as a key–value cache for client-side caches (tenant key)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,68 @@ import asyncio
 from fastapi import APIRouter, Depends
 
 from ctxcache.kv.keys import check_namespace
-from ctxcache.service.deps import admin_dep, gw_dep
+from ctxcache.errors import InvalidInputError
+from ctxcache.semantic.types import CacheRequest, context_fingerprint
+from ctxcache.service.deps import admin_dep, gw_dep, tenant_dep
 from ctxcache.service.errors import APIError
 from ctxcache.service.gateway import Gateway, Tenant
-from ctxcache.service.schemas import FlushRequest, KeyRequest
+from ctxcache.service.schemas import (
+    ClientCacheEntry, ClientCacheLookup, FlushRequest, KeyRequest,
+)
 
 router = APIRouter()
+CLIENT_ROUTE = "/v1/cache/entries"
+
+
+def _semantic(gw: Gateway):
+    if gw.semantic is None:
+        raise APIError(404, "semantic cache is disabled", code="not_found")
+    return gw.semantic
+
+
+def _client_request(body: ClientCacheLookup, tenant: str) -> CacheRequest:
+    return CacheRequest(body.prompt, tenant=tenant, category=body.category, route=CLIENT_ROUTE,
+                        context_fp=context_fingerprint(system="client-scope:" + body.scope))
+
+
+def _checked(fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except InvalidInputError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+
+
+@router.post("/v1/cache/lookup")
+async def client_lookup(body: ClientCacheLookup, gw: Gateway = Depends(gw_dep),
+                        t: Tenant = Depends(tenant_dep)):
+    """The stored value of the closest earlier prompt in this scope, if close enough for its
+    category's threshold and still within its TTL."""
+    sem = _semantic(gw)
+    res = await asyncio.to_thread(_checked, sem.lookup, _client_request(body, t.name))
+    hit = res.hit
+    return {"hit": hit is not None, "category": res.category,
+            "value": hit.response.get("value") if hit else None,
+            "similarity": hit.similarity if hit else None, "age_s": hit.age_s if hit else None}
+
+
+@router.post(CLIENT_ROUTE)
+async def client_insert(body: ClientCacheEntry, gw: Gateway = Depends(gw_dep),
+                        t: Tenant = Depends(tenant_dep)):
+    """Store a value for a prompt (category policy decides: quota, size, cacheable)."""
+    sem = _semantic(gw)
+    req = _client_request(body, t.name)
+    entry_id = await asyncio.to_thread(_checked, sem.insert, req, {"value": body.value})
+    return {"stored": entry_id is not None, "id": entry_id}
+
+
+@router.delete(CLIENT_ROUTE)
+async def client_clear(scope: str = "", gw: Gateway = Depends(gw_dep),
+                       t: Tenant = Depends(tenant_dep)):
+    """Drop this tenant's entries of one scope."""
+    sem = _semantic(gw)
+    n = await asyncio.to_thread(_checked, sem.invalidate, tenant=t.name,
+                                context_fp=context_fingerprint(system="client-scope:" + scope))
+    return {"removed": n}
 
 
 @router.get("/v1/cache/stats")
