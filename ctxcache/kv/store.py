@@ -340,12 +340,24 @@ class KVStore(WriteBehind):
 
         return [self._pool.submit(load, k) for k in keys]
 
-    def contains(self, key: str, namespace: str = "default") -> bool:
-        for ns in (namespace, PUBLIC_NAMESPACE):
-            self._wait_pending(f"{ns}/{key}")
+    def contains(self, key: str, namespace: str = "default", probe: bool = False) -> bool:
+        """In this store's index; with ``probe``, also asks the persistent tiers directly
+        (finds entries another replica wrote to a shared Redis tier)."""
+        skeys = [f"{ns}/{key}" for ns in (namespace, PUBLIC_NAMESPACE)]
+        for sk in skeys:
+            self._wait_pending(sk)
         with self._lock:
-            return any(f"{ns}/{key}" in st.sizes for st in self.tiers
-                       for ns in (namespace, PUBLIC_NAMESPACE))
+            if any(sk in st.sizes for st in self.tiers for sk in skeys):
+                return True
+        if probe:
+            for st in self.tiers:
+                if st.tier.persistent and st.healthy:
+                    try:
+                        if any(st.tier.has(sk) for sk in skeys):
+                            return True
+                    except TierUnavailableError as e:
+                        self._tier_failed(st, e)
+        return False
 
     def delete(self, key: str, namespace: str = "default") -> bool:
         check_key(key)

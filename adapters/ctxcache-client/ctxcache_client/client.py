@@ -14,8 +14,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def default_base_url() -> str:
-    """``CTXCACHE_BASE_URL`` or the gateway's default address (without ``/v1``)."""
-    return os.environ.get("CTXCACHE_BASE_URL", DEFAULT_URL)
+    """``CTXCACHE_BASE_URL`` (or ``CTXCACHE_URL``), else the gateway's default address."""
+    return os.environ.get("CTXCACHE_BASE_URL") or os.environ.get("CTXCACHE_URL") or DEFAULT_URL
 
 
 def root_url(url: str) -> str:

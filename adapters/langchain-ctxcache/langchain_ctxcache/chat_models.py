@@ -24,7 +24,7 @@ from langchain_core.language_models import LanguageModelInput
 from langchain_core.outputs import ChatResult
 from langchain_core.utils import from_env, secret_from_env
 from langchain_openai.chat_models.base import BaseChatOpenAI
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 EXTRAS = ("semantic_cache", "category", "document_ids", "passages", "strategy")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
@@ -51,12 +51,19 @@ class ChatCtxCache(BaseChatOpenAI):
     openai_api_key: SecretStr | None = Field(
         alias="api_key", default_factory=secret_from_env("CTXCACHE_API_KEY", default="none"))
     openai_api_base: str | None = Field(
-        alias="base_url", default_factory=from_env("CTXCACHE_BASE_URL", default=DEFAULT_BASE_URL))
+        alias="base_url", default_factory=from_env(("CTXCACHE_BASE_URL", "CTXCACHE_URL"),
+                                                   default=DEFAULT_BASE_URL))
     semantic_cache: bool = True
     category: str | None = None
     document_ids: list[str] | None = None
     passages: list[str] | None = None
     strategy: str | None = None
+
+    @field_validator("openai_api_base")
+    @classmethod
+    def _openai_path(cls, v: str | None) -> str | None:
+        """The gateway's root URL works as well as its OpenAI base (``…/v1``)."""
+        return v.rstrip("/") + "/v1" if v and not v.rstrip("/").endswith("/v1") else v
 
     @property
     def _llm_type(self) -> str:

@@ -36,6 +36,10 @@ class Tier(ABC):
     @abstractmethod
     def delete(self, skey: str) -> None: ...
 
+    def has(self, skey: str) -> bool:
+        """Present in this tier (written by this process or, for shared tiers, another)."""
+        return self.get(skey) is not None
+
     @abstractmethod
     def scan(self) -> Iterator[tuple[str, int]]:
         """(storage key, bytes) of everything present — used to rebuild the index on start."""

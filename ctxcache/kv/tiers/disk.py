@@ -50,6 +50,9 @@ class DiskTier(Tier):
                 pass
         return n
 
+    def has(self, skey: str) -> bool:
+        return self._path(skey).is_file()
+
     def get(self, skey: str) -> StoredEntry | None:
         path = self._path(skey)
         try:

@@ -36,6 +36,12 @@ class RedisTier(Tier):
     def _k(self, skey: str) -> str:
         return f"{self.prefix}:e:{skey}"
 
+    def has(self, skey: str) -> bool:
+        try:
+            return bool(self.client.exists(self._k(skey) + ":m"))
+        except self._errors as e:
+            raise TierUnavailableError(f"redis unavailable: {e}") from e
+
     def get(self, skey: str) -> StoredEntry | None:
         base = self._k(skey)
         try:

@@ -55,9 +55,11 @@ class CtxCache(OpenAILike):
     def __init__(self, model: str = "default", api_base: Optional[str] = None,
                  api_key: Optional[str] = None, is_chat_model: bool = True,
                  context_window: int = 8192, **kwargs: Any) -> None:
+        base = (api_base or os.environ.get("CTXCACHE_BASE_URL") or os.environ.get("CTXCACHE_URL")
+                or DEFAULT_BASE_URL).rstrip("/")
         super().__init__(
             model=model,
-            api_base=api_base or os.environ.get("CTXCACHE_BASE_URL", DEFAULT_BASE_URL),
+            api_base=base if base.endswith("/v1") else base + "/v1",
             api_key=api_key or os.environ.get("CTXCACHE_API_KEY", "none"),
             is_chat_model=is_chat_model, context_window=context_window, **kwargs)
 
