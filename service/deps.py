@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 from fastapi import Depends, Request
 
 from ctxcache.service.errors import APIError
@@ -16,7 +18,8 @@ def tenant_dep(request: Request, gw: Gateway = Depends(gw_dep)) -> Tenant:
     auth = request.headers.get("authorization", "")
     key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
     admin_key = gw.settings.admin_key
-    if key and admin_key and key == admin_key:
+    # constant-time: the comparison must not reveal how much of a guessed key is right
+    if key and admin_key and hmac.compare_digest(key.encode(), admin_key.encode()):
         t = Tenant("admin", 10**9, admin=True)
     elif key and (found := gw.keys.resolve(key)):
         t = Tenant(found[0], found[1])

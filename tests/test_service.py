@@ -327,6 +327,19 @@ def test_auth_and_tenant_isolation(gw_auth):
     assert r.status_code == 200 and r.json()["ttl_s"] == 120
     fl = httpx.post(u + "/v1/cache/flush", json={"tenant": "acme"}, headers=admin).json()
     assert fl["semantic_entries_removed"] >= 1
+    # a prefix of the admin key is not the admin key
+    assert httpx.get(u + "/v1/cache/stats",
+                     headers={"Authorization": f"Bearer {ADMIN[:-1]}"}).status_code == 401
+    # client-cache entries are tenant-scoped: B neither sees nor clears A's
+    ha, hb = {"Authorization": f"Bearer {ka}"}, {"Authorization": f"Bearer {kb}"}
+    q = {"prompt": "What is the tallest tree species?", "scope": "s"}
+    assert httpx.post(u + "/v1/cache/entries", json={**q, "value": "redwood"},
+                      headers=ha).json()["stored"]
+    assert httpx.post(u + "/v1/cache/lookup", json=q, headers=hb).json()["hit"] is False
+    assert httpx.delete(u + "/v1/cache/entries", params={"scope": "s"},
+                        headers=hb).json()["removed"] == 0
+    assert httpx.post(u + "/v1/cache/lookup", json=q, headers=ha).json()["value"] == "redwood"
+    assert httpx.post(u + "/v1/cache/lookup", json=q).status_code == 401
 
 
 def test_rate_limit(gw_auth):
