@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctxcache.errors import CtxCacheError, InvalidInputError, KVMismatchError, UnknownChunkError
@@ -20,6 +21,38 @@ class APIError(Exception):
         self.status, self.message, self.type, self.code, self.param = (
             status, message, type_, code, param)
         self.headers = headers or {}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """The OpenAI error shape every failure is returned in."""
+
+    error: ErrorDetail
+
+
+def _doc(description: str, retry: bool = False) -> dict:
+    out: dict = {"model": ErrorBody, "description": description}
+    if retry:
+        out["headers"] = {"Retry-After": {"description": "seconds to wait",
+                                          "schema": {"type": "integer"}}}
+    return out
+
+
+# documented on every route (APIRouter(responses=...)), so clients and fuzzers know the shape
+ERROR_RESPONSES: dict = {
+    400: _doc("invalid input (bad value, malformed JSON, context too long)"),
+    401: _doc("missing or invalid API key"),
+    403: _doc("admin key required"),
+    404: _doc("unknown model, document, session or disabled feature"),
+    429: _doc("rate limit or queue full", retry=True),
+    503: _doc("inference backend unavailable", retry=True),
+}
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None):

@@ -56,7 +56,7 @@ class SamplingFields(_Loose):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
 
@@ -185,4 +185,4 @@ class KeyRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
     tenant: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     name: str = ""
-    rate_limit_per_min: int = Field(600, ge=1)
+    rate_limit_per_min: int = Field(600, ge=1, le=10**9)

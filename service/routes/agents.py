@@ -10,13 +10,13 @@ from ctxcache.agents import team
 from ctxcache.agents.session import agent_prompt
 from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import gw_dep, tenant_dep
-from ctxcache.service.errors import APIError
+from ctxcache.service.errors import ERROR_RESPONSES, APIError
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.pipeline import Call, sampling, serve
 from ctxcache.service.routes.rag import check_strategy
 from ctxcache.service.schemas import AgentGenerate, AgentMessage, AgentSessionRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/agents/sessions")

@@ -11,13 +11,13 @@ from ctxcache.kv.keys import check_namespace
 from ctxcache.errors import InvalidInputError
 from ctxcache.semantic.types import CacheRequest, context_fingerprint
 from ctxcache.service.deps import admin_dep, gw_dep, tenant_dep
-from ctxcache.service.errors import APIError
+from ctxcache.service.errors import ERROR_RESPONSES, APIError
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.schemas import (
     ClientCacheEntry, ClientCacheLookup, FlushRequest, KeyRequest,
 )
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 CLIENT_ROUTE = "/v1/cache/entries"
 
 

@@ -7,10 +7,11 @@ import asyncio
 from fastapi import APIRouter, Depends
 
 from ctxcache.service.deps import gw_dep, tenant_dep
+from ctxcache.service.errors import ERROR_RESPONSES
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.schemas import DocumentsRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/documents")

@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ctxcache.service.deps import gw_dep
+from ctxcache.service.errors import ERROR_RESPONSES
 from ctxcache.service.gateway import Gateway
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/health")
@@ -28,6 +29,7 @@ async def ready(gw: Gateway = Depends(gw_dep)):
     return JSONResponse({"ready": ok}, 200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
 async def metrics(gw: Gateway = Depends(gw_dep)):
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

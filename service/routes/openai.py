@@ -10,13 +10,13 @@ from ctxcache.semantic.cache import context_fingerprint
 from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import check_model, gw_dep, tenant_dep
 from ctxcache.service.documents import DEFAULT_RAG_SYSTEM
-from ctxcache.service.errors import APIError
+from ctxcache.service.errors import ERROR_RESPONSES, APIError
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.pipeline import Call, sampling, serve
 from ctxcache.service.routes.rag import check_strategy, document_passages
 from ctxcache.service.schemas import ChatCompletionRequest, CompletionRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 @router.get("/v1/models")

@@ -10,12 +10,12 @@ from ctxcache.semantic.cache import context_fingerprint
 from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import gw_dep, tenant_dep
 from ctxcache.service.documents import DEFAULT_RAG_SYSTEM
-from ctxcache.service.errors import APIError
+from ctxcache.service.errors import ERROR_RESPONSES, APIError
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.pipeline import Call, sampling, serve
 from ctxcache.service.schemas import RagRequest
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 
 def check_strategy(gw: Gateway, strategy: str | None) -> None:
