@@ -125,10 +125,12 @@ class Gateway:
             return None
         from ctxcache.semantic import LoadAdapter, SemanticCache, TransformerEmbedder
 
-        return SemanticCache(TransformerEmbedder(), db_url=self.settings.database_url,
-                             index_dir=self.settings.data_dir / "hnsw",
-                             load_adapter=LoadAdapter(enabled=self.settings.load_adaptive),
-                             verify_rate=self.settings.semantic_verify_rate)
+        sem = SemanticCache(TransformerEmbedder(), db_url=self.settings.database_url,
+                            index_dir=self.settings.data_dir / "hnsw",
+                            load_adapter=LoadAdapter(enabled=self.settings.load_adaptive),
+                            verify_rate=self.settings.semantic_verify_rate)
+        sem.start_sync(self.settings.semantic_sync_s)
+        return sem
 
     def close(self) -> None:
         if self.semantic is not None:

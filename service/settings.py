@@ -45,6 +45,8 @@ class Settings(BaseSettings):
 
     semantic_cache: bool = True
     semantic_verify_rate: float = 0.0
+    # replicas sharing one database learn each other's entries by polling it (0: never)
+    semantic_sync_s: float = 2.0
     load_adaptive: bool = False
 
     auth: Literal["none", "required"] = "none"

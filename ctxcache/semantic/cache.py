@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import threading
 import time
@@ -40,7 +41,7 @@ from ctxcache.semantic.classifier import (
     DEFAULT_CATEGORIES, CategoryRouter, CentroidClassifier, load_examples, load_trained,
 )
 from ctxcache.semantic.embedder import Embedder
-from ctxcache.semantic.maintenance import Maintenance
+from ctxcache.semantic.maintenance import SYNC_LAG_IDS, Maintenance
 from ctxcache.semantic.types import (  # noqa: F401 - re-exported
     MAX_TEXT_CHARS, CacheHit, CacheRequest, CategoryStats, LookupResult, _Meta,
     context_fingerprint,
@@ -48,6 +49,8 @@ from ctxcache.semantic.types import (  # noqa: F401 - re-exported
 from ctxcache.semantic.index import VectorIndex
 from ctxcache.semantic.models import EntryDocument, SemanticEntry
 from ctxcache.semantic.policy import CategoryPolicy, LoadAdapter, default_policies, make_policy
+
+log = logging.getLogger(__name__)
 
 CANDIDATES = 8
 
@@ -101,6 +104,7 @@ class SemanticCache(Maintenance):
         self._emb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.embedding_cache_size = embedding_cache_size
         self._load_all()
+        self._sync_floor = max(0, max(self.meta, default=0) - SYNC_LAG_IDS)
 
     # ------------------------------------------------------------------ startup
     def _fingerprint_sql(self, tenant: str, ids: list[int]) -> str:
@@ -344,7 +348,26 @@ class SemanticCache(Maintenance):
         """Wait for pending bookkeeping writes (hit counters)."""
         self._writer.submit(lambda: None).result()
 
+    def start_sync(self, interval_s: float) -> None:
+        """Poll the shared database for other replicas' entries every ``interval_s``."""
+        if interval_s <= 0 or getattr(self, "_sync_thread", None) is not None:
+            return
+        self._sync_stop = threading.Event()
+
+        def loop() -> None:
+            while not self._sync_stop.wait(interval_s):
+                try:
+                    self.sync()
+                except Exception:  # noqa: BLE001 - a database hiccup: try again next tick
+                    log.warning("semantic sync failed", exc_info=True)
+
+        self._sync_thread = threading.Thread(target=loop, name="semantic-sync", daemon=True)
+        self._sync_thread.start()
+
     def close(self) -> None:
+        if getattr(self, "_sync_thread", None) is not None:
+            self._sync_stop.set()
+            self._sync_thread.join(timeout=5)
         self._writer.shutdown(wait=True)
         self.save_indexes()
         self.engine.dispose()

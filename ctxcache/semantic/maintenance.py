@@ -18,8 +18,47 @@ from ctxcache.semantic.policy import CategoryPolicy
 from ctxcache.semantic.types import _Meta
 
 
+SYNC_LAG_IDS = 1024  # ids below the highest seen that may still commit late (other writers)
+
+
 class Maintenance:
     """Mixed into ``SemanticCache`` (uses its engine, indexes, metadata and locks)."""
+
+    _sync_floor: int = 0
+
+    def sync(self) -> int:
+        """Learn the entries other replicas wrote to the shared database since the last sync;
+        returns how many were added to this replica's indexes.
+
+        SQL is the source of truth; each replica's HNSW index is a view of it. Inserts are
+        found by id above a watermark (kept ``SYNC_LAG_IDS`` below the highest id seen, since a
+        transaction with a lower id can commit after a higher one). Deletes need no pass:
+        a hit is re-read by primary key before it is served, and a row gone underneath is
+        forgotten there."""
+        floor = self._sync_floor
+        with Session(self.engine) as s:
+            rows = s.execute(select(
+                SemanticEntry.id, SemanticEntry.tenant, SemanticEntry.category,
+                SemanticEntry.context_fp, SemanticEntry.created_at, SemanticEntry.nbytes,
+                SemanticEntry.embedding).where(SemanticEntry.id > floor)).all()
+        added = 0
+        with self._lock:
+            for r in rows:
+                if r.id in self.meta:
+                    continue
+                idx = self.indexes.get(r.tenant)
+                if idx is None:
+                    idx = self.indexes[r.tenant] = VectorIndex(self.embedder.dim)
+                idx.add([r.id], np.frombuffer(r.embedding, dtype=np.float32).reshape(1, -1))
+                self.meta[r.id] = _Meta(r.context_fp, r.created_at, r.nbytes, r.category)
+                key = (r.tenant, r.category)
+                self._owner[r.id] = key
+                self.used_bytes[key] += r.nbytes
+                self.counts[key] += 1
+                added += 1
+            top = max([floor + SYNC_LAG_IDS] + [r.id for r in rows])
+            self._sync_floor = max(floor, top - SYNC_LAG_IDS)
+        return added
 
     def bulk_load(self, tenant: str, category: str, prompts: Sequence[str],
                   embeddings: np.ndarray, responses: Sequence[dict], context_fp: str = "",
