@@ -47,7 +47,11 @@ def make_engine(url: str | None = None) -> Engine:
             cur.close()
 
         return eng
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # pre-ping: a connection broken by a database restart is replaced, not handed out;
+    # a short connect timeout: while the database is down, requests degrade instead of hanging
+    args = {"connect_timeout": 3} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         pool_timeout=5, connect_args=args)
 
 
 def migrate(engine: Engine) -> None:

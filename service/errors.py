@@ -62,6 +62,9 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 def map_error(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
+    if _database_down(e):
+        return APIError(503, "database unavailable; retry shortly", "service_unavailable",
+                        "database_unavailable", headers={"Retry-After": "5"})
     if isinstance(e, BackendUnavailableError):
         return APIError(503, str(e), "service_unavailable", "backend_unavailable",
                         headers={"Retry-After": "5"})
@@ -74,6 +77,15 @@ def map_error(e: Exception) -> APIError:
     if isinstance(e, CtxCacheError):
         return APIError(500, str(e), "server_error")
     return APIError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+def _database_down(e: Exception) -> bool:
+    """Connection-level database failures (server down, restarting, pool exhausted): worth a
+    retry, so 503 rather than 500."""
+    from sqlalchemy import exc
+
+    return isinstance(e, (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)) or (
+        isinstance(e, exc.DBAPIError) and e.connection_invalidated)
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -27,5 +27,9 @@ class Metrics:
         self.queue_depth = Gauge("ctxcache_queue_depth", "Requests waiting for the backend",
                                  registry=r)
         self.in_flight = Gauge("ctxcache_in_flight", "Generations running", registry=r)
+        self.semantic_errors = Counter(
+            "ctxcache_semantic_errors_total",
+            "Semantic cache operations skipped because its database or index failed",
+            ["op"], registry=r)
         self.rejected = Counter("ctxcache_rejected_total", "Requests refused (429/503)",
                                 ["reason"], registry=r)

@@ -6,6 +6,7 @@ build the request and in their response shape (the small functions at the end).
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import threading
 import time
@@ -22,6 +23,8 @@ from ctxcache.semantic.cache import CacheRequest
 from ctxcache.service.backends import GenRequest
 from ctxcache.service.errors import APIError, error_body, map_error
 from ctxcache.service.gateway import Gateway, QueueFull
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +78,10 @@ def lookup(gw: Gateway, call: Call):
                                               route=call.route, context_fp=call.fp))
     except InvalidInputError as e:
         raise APIError(400, str(e), code="invalid_value") from None
+    except Exception:  # noqa: BLE001 - its database is down: serve this request uncached
+        log.warning("semantic lookup failed; serving without the cache", exc_info=True)
+        gw.metrics.semantic_errors.labels("lookup").inc()
+        return None, None
     return res.hit, res
 
 
@@ -92,10 +99,14 @@ def serves(hit, params: SamplingParams) -> bool:
 def insert(gw: Gateway, call: Call, res, response: dict, finish: str) -> None:
     if gw.semantic is None or res is None or not res.cacheable:
         return
-    gw.semantic.insert(CacheRequest(call.cache_text, tenant=call.tenant, context_fp=call.fp,
-                                    doc_ids=call.doc_ids),
-                       response, finish_reason=finish, embedding=res.embedding,
-                       category=res.category)
+    try:
+        gw.semantic.insert(CacheRequest(call.cache_text, tenant=call.tenant, context_fp=call.fp,
+                                        doc_ids=call.doc_ids),
+                           response, finish_reason=finish, embedding=res.embedding,
+                           category=res.category)
+    except Exception:  # noqa: BLE001 - the answer is already sent; only its caching is lost
+        log.warning("semantic insert failed; answer not cached", exc_info=True)
+        gw.metrics.semantic_errors.labels("insert").inc()
 
 
 def maybe_verify(gw: Gateway, hit, req: GenRequest) -> None:
