@@ -205,6 +205,16 @@ def gateway() -> str:
          for c in d["concurrency"]])
 
 
+def reliability() -> str:
+    d = load("reliability")
+    if not d:
+        return "(not run)"
+    o = d["overload"]
+    return (f"Open-loop arrivals at {o['factor']:g}× the sustainable rate "
+            f"({o['sustainable_req_per_s']:.2f} req/s, CPU, SmolLM2):\n\n" + table(
+                ["metric", "value"], [[k, v] for k, v in o.items()]))
+
+
 def agents() -> str:
     parts = []
     for path in sorted(R.glob("agents_*.json")):
@@ -231,5 +241,6 @@ if __name__ == "__main__":
                       ("Agents sharing context (`benchmarks/agents.py`)", agents),
                       ("Chunk KV store (`benchmarks/kvstore.py`)", kvstore),
                       ("Semantic cache (`benchmarks/semantic.py`)", semantic),
-                      ("Gateway (`benchmarks/gateway.py`)", gateway)):
+                      ("Gateway (`benchmarks/gateway.py`)", gateway),
+                      ("Overload (`benchmarks/overload.py`)", reliability)):
         print(f"### {title}\n\n{fn()}\n")
