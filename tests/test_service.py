@@ -340,6 +340,19 @@ def test_auth_and_tenant_isolation(gw_auth):
                         headers=hb).json()["removed"] == 0
     assert httpx.post(u + "/v1/cache/lookup", json=q, headers=ha).json()["value"] == "redwood"
     assert httpx.post(u + "/v1/cache/lookup", json=q).status_code == 401
+    # guessed ids: B cannot use A's document in RAG or read / drive A's agent session
+    rag = httpx.post(u + "/v1/rag", json={"question": "What is the plan?", "document_ids": [did]},
+                     headers=hb)
+    assert rag.status_code == 404
+    sid = httpx.post(u + "/v1/agents/sessions", json={"agents": {"x": "You help."}},
+                     headers=ha).json()["id"]
+    assert httpx.get(u + f"/v1/agents/sessions/{sid}", headers=hb).status_code == 404
+    assert httpx.post(u + f"/v1/agents/sessions/{sid}/messages",
+                      json={"agent": "x", "content": "hi"}, headers=hb).status_code == 404
+    assert httpx.delete(u + f"/v1/agents/sessions/{sid}", headers=hb).status_code == 404
+    assert httpx.delete(u + f"/v1/documents/{did}", headers=hb).status_code == 404
+    # metrics carry no tenant names
+    assert "acme" not in httpx.get(u + "/metrics", headers=admin).text
 
 
 def test_rate_limit(gw_auth):
