@@ -270,3 +270,22 @@ def test_persistence_across_restart_sqlite(embedder, tmp_path):
 @pytest.mark.skipif(not pg_available(), reason="PostgreSQL not reachable")
 def test_persistence_across_restart_postgres(embedder, tmp_path):
     _persistence_roundtrip(embedder, PG_URL, tmp_path)
+
+
+def test_language_gate_keeps_uncovered_languages_out(embedder, tmp_path):
+    """The English embedder crowds Thai questions together (unrelated ones hit each other);
+    the default language gate serves such texts uncached, and English is unaffected."""
+    stored, other = "กรุงเทพมีประชากรเท่าไหร่", "ช้างกินอะไร"  # unrelated questions
+    ungated = SemanticCache(embedder, db_url=f"sqlite:///{tmp_path}/a.db", language_gate=None)
+    ungated.insert(CacheRequest(stored), {"text": "x"})
+    assert ungated.lookup(CacheRequest(other)).hit is not None  # the failure the gate prevents
+    gated = SemanticCache(embedder, db_url=f"sqlite:///{tmp_path}/b.db")
+    assert gated.insert(CacheRequest(stored), {"text": "x"}) is None
+    res = gated.lookup(CacheRequest(stored))
+    assert res.hit is None and not res.cacheable
+    assert gated.stats_dict()[res.category]["uncovered_language"] >= 1
+    q = "What is the boiling point of water?"
+    assert gated.insert(CacheRequest(q), {"text": "100 °C"}) is not None
+    assert gated.lookup(CacheRequest(q)).hit is not None
+    ungated.close()
+    gated.close()

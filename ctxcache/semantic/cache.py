@@ -41,6 +41,7 @@ from ctxcache.semantic.classifier import (
     DEFAULT_CATEGORIES, CategoryRouter, CentroidClassifier, load_examples, load_trained,
 )
 from ctxcache.semantic.embedder import Embedder
+from ctxcache.semantic.language import LanguageGate, gate_for
 from ctxcache.semantic.maintenance import SYNC_LAG_IDS, Maintenance
 from ctxcache.semantic.types import (  # noqa: F401 - re-exported
     MAX_TEXT_CHARS, CacheHit, CacheRequest, CategoryStats, LookupResult, _Meta,
@@ -71,8 +72,12 @@ class SemanticCache(Maintenance):
         max_text_chars: int = MAX_TEXT_CHARS,
         seed: int | None = None,
         embedding_cache_size: int = 10_000,
+        language_gate: LanguageGate | None | str = "auto",
     ):
         self.embedder = embedder
+        # texts in languages the embedder does not cover are served uncached ("auto": from the
+        # embedder's declared languages; None: no gate)
+        self.language_gate = gate_for(embedder) if language_gate == "auto" else language_gate
         self.categories = list(categories)
         self.policies = policies or default_policies()
         for c in self.categories:
@@ -193,7 +198,8 @@ class SemanticCache(Maintenance):
         policy = self.policies[category]
         threshold = self.load.threshold(policy)
         hit = None
-        if policy.cacheable:
+        covered = self._covered(req.text, category)
+        if policy.cacheable and covered:
             hit = self._search(req, category, emb, threshold, self.load.ttl(policy))
         dt = time.perf_counter() - t1
         with self._lock:
@@ -201,7 +207,15 @@ class SemanticCache(Maintenance):
             st.lookups += 1
             st.hits += hit is not None
             st.latencies.append(dt)
-        return LookupResult(hit, category, emb, threshold, policy.cacheable, dt, t1 - t0)
+        return LookupResult(hit, category, emb, threshold, policy.cacheable and covered, dt,
+                            t1 - t0)
+
+    def _covered(self, text: str, category: str) -> bool:
+        if self.language_gate is None or self.language_gate.check(text).covered:
+            return True
+        with self._lock:
+            self.stats[category].uncovered_language += 1
+        return False
 
     def _search(self, req: CacheRequest, category: str, emb: np.ndarray, threshold: float,
                 ttl: float) -> CacheHit | None:
@@ -275,7 +289,8 @@ class SemanticCache(Maintenance):
         emb = self.embed(req.text) if embedding is None else embedding
         category = category or self.router.categorize(emb, req.category, req.route)
         policy = self.policies[category]
-        if error or finish_reason != "stop" or not policy.cacheable:
+        if error or finish_reason != "stop" or not policy.cacheable or \
+                not self._covered(req.text, category):
             with self._lock:
                 self.stats[category].skipped += 1
             return None

@@ -37,8 +37,11 @@ def packaged_minilm_path() -> Path:
 class TransformerEmbedder:
     """Mean-pooled, normalised embeddings from an HF encoder directory."""
 
+    languages: tuple[str, ...] | None = ("en",)  # MiniLM: English; None = multilingual
+
     def __init__(self, path: str | Path | None = None, max_length: int = 256,
-                 batch_size: int = 32, device: str = "cpu"):
+                 batch_size: int = 32, device: str = "cpu",
+                 languages: tuple[str, ...] | None = ("en",)):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -47,6 +50,7 @@ class TransformerEmbedder:
         self.model = AutoModel.from_pretrained(path).to(device).eval()
         self.dim = int(self.model.config.hidden_size)
         self.name = path.parent.name if path.name == "model" else path.name
+        self.languages = languages
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = device

@@ -67,6 +67,7 @@ class CategoryStats:
     evictions: int = 0
     expired: int = 0
     skipped: int = 0  # not cacheable / errored / truncated responses
+    uncovered_language: int = 0  # lookups served uncached: a language the embedder lacks
     verified: int = 0
     false_hits: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
@@ -77,7 +78,8 @@ class CategoryStats:
         return {"lookups": self.lookups, "hits": self.hits,
                 "hit_rate": self.hits / self.lookups if self.lookups else 0.0,
                 "inserts": self.inserts, "evictions": self.evictions, "expired": self.expired,
-                "skipped": self.skipped, "verified": self.verified, "false_hits": self.false_hits,
+                "skipped": self.skipped, "uncovered_language": self.uncovered_language,
+                "verified": self.verified, "false_hits": self.false_hits,
                 "false_hit_rate_estimate": self.false_hits / self.verified if self.verified else None,
                 "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
 
