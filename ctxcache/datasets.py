@@ -8,12 +8,16 @@ cached under ``<cache dir>/data``. Nothing is installed into the environment.
   questions with gold answers.
 * ``fow-cache==0.1.0``: 600 labelled question pairs for semantic-cache hit / false-hit rates.
 * ``chatterbot-corpus==1.3.3``: questions by category, for the category classifier.
+* Sentences of the whole BIG-bench archive (``bigbench==1.0.0``): ~2M distinct real English
+  sentences (dialogue, news, reviews, claims, stories) for the semantic index at 1M-entry scale.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -102,3 +106,62 @@ def chatterbot_corpus() -> dict[str, list[str]]:
         archive.unlink(missing_ok=True)
         out.write_text(json.dumps(data))
     return json.loads(out.read_text())
+
+
+# BIG-bench tasks whose text is not natural language (images as digits, boards, encodings) or not
+# mostly English; the rest of the archive's example strings are split into sentences.
+_NOT_SENTENCES = ("cifar10", "mnist", "intersect_geometry", "ascii", "checkmate", "chess",
+                  "language_identification", "multiemo/all_text", "paragraph_segmentation",
+                  "hindi", "kanji", "emoji", "unnatural", "cryptonite", "modified_arithmetic",
+                  "bbq_lite", "task_metadata")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _sentences_of(value, out: set[str]) -> None:
+    if isinstance(value, str):
+        for s in _SENTENCE_END.split(value):
+            s = s.strip().strip("\"'").strip()
+            # ASCII-only keeps it (almost all) English, what the default embedder covers
+            if 20 <= len(s) <= 300 and s.isascii() and " " in s and \
+                    sum(c.isalpha() for c in s) > 0.6 * len(s):
+                out.add(s)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if k not in ("canary", "comment"):
+                _sentences_of(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _sentences_of(v, out)
+
+
+def bigbench_sentences(n: int | None = None, seed: int = 0) -> list[str]:
+    """Distinct real sentences from every BIG-bench task's examples (cached as one text file).
+
+    ``n`` picks a deterministic random sample (the whole set is ~2.1M sentences).
+    """
+    out = _data_dir() / "bigbench_sentences.txt"
+    if not out.is_file():
+        archive = _download("bigbench==1.0.0")
+        found: set[str] = set()
+        try:
+            with tarfile.open(archive) as t:
+                for m in t:
+                    name = m.name
+                    if not (m.isfile() and name.endswith(".json") and "/benchmark_tasks/" in name) \
+                            or any(k in name for k in _NOT_SENTENCES):
+                        continue
+                    try:
+                        doc = json.loads(t.extractfile(m).read())
+                    except ValueError:
+                        continue
+                    _sentences_of(doc.get("examples", doc.get("data", []))
+                                  if isinstance(doc, dict) else doc, found)
+        finally:
+            archive.unlink(missing_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.write_text("\n".join(sorted(found)))
+        os.replace(tmp, out)
+    sents = out.read_text().split("\n")
+    if n is None or n >= len(sents):
+        return sents
+    return random.Random(seed).sample(sents, n)

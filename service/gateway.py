@@ -129,6 +129,10 @@ class Gateway:
                             index_dir=self.settings.data_dir / "hnsw",
                             load_adapter=LoadAdapter(enabled=self.settings.load_adaptive),
                             verify_rate=self.settings.semantic_verify_rate)
+        if self.settings.semantic_max_error_rate is not None:
+            for c, pol in sem.policies.items():
+                if pol.max_error_rate is None and pol.cacheable:
+                    sem.set_policy(c, {"max_error_rate": self.settings.semantic_max_error_rate})
         sem.start_sync(self.settings.semantic_sync_s)
         return sem
 

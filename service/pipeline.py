@@ -109,20 +109,38 @@ def insert(gw: Gateway, call: Call, res, response: dict, finish: str) -> None:
         gw.metrics.semantic_errors.labels("insert").inc()
 
 
-def maybe_verify(gw: Gateway, hit, req: GenRequest) -> None:
-    """Sampled re-answer of a hit in the background (false-hit estimate, vCache-style)."""
+def in_background(gw: Gateway, what: str, fn) -> None:
+    """Best-effort bookkeeping off the request path (verification, exploration)."""
+
+    def run():
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - statistics only: the answer is already sent
+            log.debug("semantic %s failed", what, exc_info=True)
+            gw.metrics.semantic_errors.labels(what).inc()
+
+    threading.Thread(target=run, daemon=True, name=f"semantic-{what}").start()
+
+
+def maybe_verify(gw: Gateway, res, req: GenRequest) -> None:
+    """Sampled re-answer of a hit, compared with the cached answer: the false-hit estimate and
+    the evidence of verified thresholds (vCache-style)."""
     if gw.semantic is None or not gw.semantic.should_verify():
         return
 
     def run():
-        try:
-            fresh = "".join(c.text for c in gw.backend.generate(req).chunks)
-            a, b = gw.semantic.embedder.embed([fresh, hit.response.get("text", "")])
-            gw.semantic.record_verification(hit.category, float(a @ b) >= 0.9)
-        except Exception:  # noqa: BLE001 - best effort statistics
-            pass
+        fresh = "".join(c.text for c in gw.backend.generate(req).chunks)
+        gw.semantic.record_outcome(res, {"text": fresh})
 
-    threading.Thread(target=run, daemon=True).start()
+    in_background(gw, "verify", run)
+
+
+def explore(gw: Gateway, res, text: str, finish: str) -> None:
+    """A miss whose best candidate lay just below a verified threshold: was it right after all?
+    Free evidence (the answer was generated anyway)."""
+    if gw.semantic is None or res is None or res.candidate is None or finish != "stop":
+        return
+    in_background(gw, "explore", lambda: gw.semantic.record_outcome(res, {"text": text}))
 
 
 # ---------------------------------------------------------------------------- generation
@@ -250,6 +268,7 @@ async def serve(gw: Gateway, request: Request, req: GenRequest, call: Call, *,
     def done(text: str, finish: str, u: dict) -> None:
         insert(gw, call, res, {"text": text, "prompt_tokens": u["prompt_tokens"],
                                "completion_tokens": u["completion_tokens"]}, finish)
+        explore(gw, res, text, finish)
         if call.on_done is not None:
             call.on_done(text, finish)
 
@@ -291,7 +310,7 @@ async def serve(gw: Gateway, request: Request, req: GenRequest, call: Call, *,
 
 def answer_hit(gw: Gateway, req: GenRequest, call: Call, ids: "Ids", hit, res, stream: bool):
     gw.metrics.ttft.labels("semantic").observe(res.latency_s + res.embed_s)
-    maybe_verify(gw, hit, req)
+    maybe_verify(gw, res, req)
     meta = {"cache": "semantic", "similarity": round(hit.similarity, 4),
             "category": hit.category, "age_s": round(hit.age_s, 3), **call.extra}
     u = usage(hit.response.get("prompt_tokens", 0), hit.response.get("completion_tokens", 0),

@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     chunk_tokens: int = 256
 
     semantic_cache: bool = True
-    semantic_verify_rate: float = 0.0
+    semantic_verify_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # verified thresholds for every category without its own bound: learn each (tenant,
+    # category) threshold online so that at most this share of semantic hits is wrong
+    semantic_max_error_rate: float | None = Field(None, gt=0.0, lt=1.0)
     # replicas sharing one database learn each other's entries by polling it (0: never)
     semantic_sync_s: float = 2.0
     load_adaptive: bool = False

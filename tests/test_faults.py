@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,15 +14,10 @@ import time
 
 import httpx
 import pytest
+from test_service import free_port
 
 from ctxcache.kv import DiskTier
 from ctxcache.kv.serialize import CorruptEntryError
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(data, port) -> subprocess.Popen:
@@ -54,7 +48,7 @@ def doc(i: int) -> str:
 
 @pytest.mark.slow
 def test_kill_9_during_ingest_loses_no_acknowledged_document(tmp_path):
-    port = _port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start(tmp_path, port)
     acked: list[tuple[int, str]] = []

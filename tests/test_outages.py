@@ -16,19 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_service import free_port
 
 
 class PrivateRedis:
     def __init__(self):
         if not shutil.which("redis-server"):
             pytest.skip("redis-server not installed")
-        self.port = _port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = None
 
@@ -48,7 +43,7 @@ class PrivatePostgres:
     def __init__(self):
         if not (shutil.which("initdb") and shutil.which("pg_ctl")):
             pytest.skip("PostgreSQL server binaries not installed")
-        self.port = _port()
+        self.port = free_port()
         # its own top-level temp dir: the postgres user cannot enter pytest's private tmp
         self.dir = Path(tempfile.mkdtemp(prefix="ctxcache-pg-"))
         self.as_postgres = os.geteuid() == 0

@@ -47,13 +47,15 @@ from ctxcache.semantic.types import (  # noqa: F401 - re-exported
     MAX_TEXT_CHARS, CacheHit, CacheRequest, CategoryStats, LookupResult, _Meta,
     context_fingerprint,
 )
-from ctxcache.semantic.index import VectorIndex
+from ctxcache.semantic.index import HnswParams, VectorIndex
 from ctxcache.semantic.models import EntryDocument, SemanticEntry
 from ctxcache.semantic.policy import CategoryPolicy, LoadAdapter, default_policies, make_policy
+from ctxcache.semantic.verified import AnswerJudge, EmbeddingJudge, VerifiedThresholds
 
 log = logging.getLogger(__name__)
 
 CANDIDATES = 8
+HIT_WRITE_DELAY_S = 0.5  # hit counters reach SQL within this
 
 
 class SemanticCache(Maintenance):
@@ -73,6 +75,9 @@ class SemanticCache(Maintenance):
         seed: int | None = None,
         embedding_cache_size: int = 10_000,
         language_gate: LanguageGate | None | str = "auto",
+        verifier: VerifiedThresholds | None = None,
+        judge: AnswerJudge | None = None,
+        hnsw: HnswParams = HnswParams(),
     ):
         self.embedder = embedder
         # texts in languages the embedder does not cover are served uncached ("auto": from the
@@ -84,7 +89,12 @@ class SemanticCache(Maintenance):
             self.policies.setdefault(c, make_policy({}))
         self.clock = clock
         self.load = load_adapter or LoadAdapter(enabled=False)
+        if not 0.0 <= verify_rate <= 1.0:
+            raise InvalidInputError("verify_rate must be in [0, 1]")
         self.verify_rate = verify_rate
+        self.hnsw = hnsw
+        self.verifier = verifier or VerifiedThresholds()
+        self.judge = judge or EmbeddingJudge(embedder.embed)
         self.max_text_chars = max_text_chars
         self.index_dir = Path(index_dir) if index_dir else None
         self.engine = make_engine(db_url)
@@ -106,6 +116,8 @@ class SemanticCache(Maintenance):
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-hits")
+        self._pending_hits: dict[int, tuple[int, float]] = {}  # id -> (hits, last hit time)
+        self._closing = threading.Event()
         self._emb_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.embedding_cache_size = embedding_cache_size
         self._load_all()
@@ -134,9 +146,9 @@ class SemanticCache(Maintenance):
             ids = sorted(m.id for m in members)
             fp = self._fingerprint_sql(tenant, ids)
             path = self._index_path(tenant)
-            idx = VectorIndex.load(path, fp, self.embedder.dim) if path else None
+            idx = VectorIndex.load(path, fp, self.embedder.dim, self.hnsw) if path else None
             if idx is None:
-                idx = VectorIndex(self.embedder.dim, capacity=max(1024, len(ids)))
+                idx = self._new_index(max(1024, len(ids)))
                 with Session(self.engine) as s:
                     for start in range(0, len(ids), 5000):
                         chunk = s.execute(select(SemanticEntry.id, SemanticEntry.embedding).where(
@@ -145,6 +157,9 @@ class SemanticCache(Maintenance):
                                 np.stack([np.frombuffer(c.embedding, dtype=np.float32)
                                           for c in chunk]))
             self.indexes[tenant] = idx
+
+    def _new_index(self, capacity: int = 1024) -> VectorIndex:
+        return VectorIndex(self.embedder.dim, capacity, self.hnsw)
 
     def save_indexes(self) -> None:
         """Persist every index with a manifest of the SQL state it reflects."""
@@ -196,11 +211,13 @@ class SemanticCache(Maintenance):
         t1 = time.perf_counter()
         category = self.router.categorize(emb, req.category, req.route)
         policy = self.policies[category]
-        threshold = self.load.threshold(policy)
-        hit = None
+        threshold, verified = self.threshold_for(req.tenant, category)
+        floor = self.verifier.floor(threshold) if verified else threshold
+        hit = candidate = None
         covered = self._covered(req.text, category)
         if policy.cacheable and covered:
-            hit = self._search(req, category, emb, threshold, self.load.ttl(policy))
+            hit, candidate = self._search(req, category, emb, threshold, floor,
+                                          self.load.ttl(policy))
         dt = time.perf_counter() - t1
         with self._lock:
             st = self.stats[category]
@@ -208,7 +225,16 @@ class SemanticCache(Maintenance):
             st.hits += hit is not None
             st.latencies.append(dt)
         return LookupResult(hit, category, emb, threshold, policy.cacheable and covered, dt,
-                            t1 - t0)
+                            t1 - t0, candidate if verified else None, req.tenant)
+
+    def threshold_for(self, tenant: str, category: str) -> tuple[float, bool]:
+        """(similarity threshold in force, whether it is a verified/learned one)."""
+        policy = self.policies[category]
+        static = self.load.threshold(policy)
+        bound = self.verifier.max_error(tenant, category, policy.max_error_rate)
+        if bound is None:
+            return static, False
+        return self.verifier.threshold(tenant, category, static, bound), True
 
     def _covered(self, text: str, category: str) -> bool:
         if self.language_gate is None or self.language_gate.check(text).covered:
@@ -218,26 +244,30 @@ class SemanticCache(Maintenance):
         return False
 
     def _search(self, req: CacheRequest, category: str, emb: np.ndarray, threshold: float,
-                ttl: float) -> CacheHit | None:
+                floor: float, ttl: float) -> tuple[CacheHit | None, tuple[int, float] | None]:
+        """Best servable entry, and the best one within [floor, its threshold) if none is."""
         idx = self.indexes.get(req.tenant)
         if idx is None or len(idx) == 0:
-            return None
+            return None, None
         now = self.clock()
         k = CANDIDATES
+        near = None
         while True:
             ids, sims = idx.query(emb, k)
             expired, best = [], None
             for i, sim in zip(ids.tolist(), sims.tolist()):
-                if sim < threshold:
+                if sim < floor:
                     break  # sorted by similarity: nothing further qualifies
                 m = self.meta.get(i)
                 if m is None:
                     continue
                 own = self.policies.get(m.category)
+                need = threshold
                 if m.category != category and own is not None:
                     # the entry's own policy applies too: the stricter threshold, its TTL
-                    if not own.cacheable or sim < self.load.threshold(own):
+                    if not own.cacheable:
                         continue
+                    need = max(need, self.threshold_for(req.tenant, m.category)[0])
                     if now - m.created_at > self.load.ttl(own):
                         expired.append(i)
                         continue
@@ -247,6 +277,9 @@ class SemanticCache(Maintenance):
                     continue
                 if m.fp != req.context_fp:
                     continue
+                if sim < need or sim <= self.verifier.guard(i):
+                    near = near or (i, sim)
+                    continue
                 best = (i, sim)
                 break
             for i in expired:
@@ -255,7 +288,7 @@ class SemanticCache(Maintenance):
                 break
             k *= 4  # all close neighbours belonged to other contexts: look further
         if best is None:
-            return None
+            return None, near
         entry_id, sim = best
         with self.engine.connect() as conn:  # Core select by primary key: no ORM overhead
             row = conn.execute(select(SemanticEntry.response, SemanticEntry.created_at,
@@ -263,17 +296,32 @@ class SemanticCache(Maintenance):
                                ).first()
         if row is None:  # deleted by another replica
             self._forget(entry_id)
-            return None
+            return None, near
         hit = CacheHit(entry_id, json.loads(row.response), float(sim), category,
                        now - row.created_at, row.prompt)
-        # hit counters are bookkeeping: written off the request path
-        self._writer.submit(self._record_hit, entry_id, now)
-        return hit
+        # hit counters are bookkeeping: written off the request path, many hits per transaction
+        with self._lock:
+            first = not self._pending_hits
+            n, _ = self._pending_hits.get(entry_id, (0, now))
+            self._pending_hits[entry_id] = (n + 1, now)
+        if first:
+            self._writer.submit(self._write_hits, HIT_WRITE_DELAY_S)
+        return hit, None
 
-    def _record_hit(self, entry_id: int, now: float) -> None:
+    def _write_hits(self, delay: float = 0.0) -> None:
+        """Write every hit counted in the last ``delay`` seconds in one transaction: a commit
+        per hit (an fsync with SQLite) on the writer thread competed with lookups for the CPU
+        and doubled their latency."""
+        if delay:
+            self._closing.wait(delay)
+        with self._lock:
+            pending, self._pending_hits = self._pending_hits, {}
+        if not pending:
+            return
         with Session(self.engine) as s:
-            s.execute(update(SemanticEntry).where(SemanticEntry.id == entry_id).values(
-                hits=SemanticEntry.hits + 1, last_hit_at=now))
+            for entry_id, (n, last) in pending.items():
+                s.execute(update(SemanticEntry).where(SemanticEntry.id == entry_id).values(
+                    hits=SemanticEntry.hits + n, last_hit_at=last))
             s.commit()
 
     # ------------------------------------------------------------------ insert
@@ -317,7 +365,7 @@ class SemanticCache(Maintenance):
         with self._lock:
             idx = self.indexes.get(req.tenant)
             if idx is None:
-                idx = self.indexes[req.tenant] = VectorIndex(self.embedder.dim)
+                idx = self.indexes[req.tenant] = self._new_index()
             idx.add([entry_id], emb.reshape(1, -1))
             self.meta[entry_id] = _Meta(req.context_fp, now, nbytes, category)
             self._owner[entry_id] = key
@@ -339,12 +387,55 @@ class SemanticCache(Maintenance):
     def should_verify(self) -> bool:
         return self.verify_rate > 0 and self._rng.random() < self.verify_rate
 
+    def record_outcome(self, result: LookupResult, fresh: dict) -> bool | None:
+        """Compare a freshly generated answer with what the cache had for this request.
+
+        For a (sampled) verified hit: the hit's answer; for a miss with a candidate just below
+        the threshold: that candidate's stored answer. Feeds the verified thresholds (and the
+        false-hit estimate for hits). Returns whether they agreed, None when nothing to compare.
+        """
+        if result.hit is not None:
+            entry_id, sim, stored = result.hit.entry_id, result.hit.similarity, \
+                result.hit.response
+            propensity = self.verify_rate if self.verify_rate > 0 else 1.0
+        elif result.candidate is not None:
+            entry_id, sim = result.candidate
+            with self.engine.connect() as conn:
+                row = conn.execute(select(SemanticEntry.response).where(
+                    SemanticEntry.id == entry_id)).first()
+            if row is None:
+                return None
+            stored, propensity = json.loads(row.response), 1.0
+        else:
+            return None
+        same = self.judge.same(fresh, stored)
+        self.verifier.observe(result.tenant, result.category, entry_id, sim, not same,
+                              propensity)
+        if result.hit is not None:
+            self.record_verification(result.category, same)
+        return same
+
     def record_verification(self, category: str, consistent: bool) -> None:
         """Outcome of re-answering a hit freshly (sampled): feeds the false-hit estimate."""
         with self._lock:
             st = self.stats[category]
             st.verified += 1
             st.false_hits += not consistent
+
+    def verified_stats(self) -> list[dict]:
+        """Learned thresholds and their evidence, per (tenant, category) with a bound."""
+        with self._lock:
+            tenants = sorted(self.indexes)
+        out = []
+        for t in tenants:
+            for c in self.categories:
+                pol = self.policies[c]
+                bound = self.verifier.max_error(t, c, pol.max_error_rate)
+                if bound is None:
+                    continue
+                out.append({"tenant": t, "category": c, "static_threshold": pol.threshold,
+                            **self.verifier.report(t, c, self.load.threshold(pol), bound)})
+        return out
 
     def count(self, tenant: str | None = None) -> int:
         with Session(self.engine) as s:
@@ -361,7 +452,7 @@ class SemanticCache(Maintenance):
 
     def flush(self) -> None:
         """Wait for pending bookkeeping writes (hit counters)."""
-        self._writer.submit(lambda: None).result()
+        self._writer.submit(self._write_hits).result()
 
     def start_sync(self, interval_s: float) -> None:
         """Poll the shared database for other replicas' entries every ``interval_s``."""
@@ -383,6 +474,8 @@ class SemanticCache(Maintenance):
         if getattr(self, "_sync_thread", None) is not None:
             self._sync_stop.set()
             self._sync_thread.join(timeout=5)
+        self._closing.set()
         self._writer.shutdown(wait=True)
+        self._write_hits()
         self.save_indexes()
         self.engine.dispose()

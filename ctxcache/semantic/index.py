@@ -12,24 +12,48 @@ import json
 import threading
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import hnswlib
 import numpy as np
 
 
+@dataclass(frozen=True)
+class HnswParams:
+    """Graph degree, build and search breadth. ``ef=None``: chosen by index size (``auto_ef``).
+
+    Why by size: a search must visit more of a bigger graph to find the true nearest entry at
+    the same rate, and a fixed large ef wastes time on small indexes.
+    """
+
+    M: int = 16
+    ef_construction: int = 100
+    ef: int | None = None
+
+    def search_ef(self, n: int) -> int:
+        return self.ef if self.ef is not None else auto_ef(n)
+
+
+def auto_ef(n: int) -> int:
+    # measured with real MiniLM vectors of real sentences (benchmarks/semantic_scale.py): the
+    # ef that keeps ANN recall@1 >= 95 % at each size, with headroom
+    return 64 if n <= 100_000 else 128
+
+
 class VectorIndex:
-    # ef=160: on uniformly random 384-d vectors (HNSW's hardest case) M=16/ef=64 finds the
-    # nearest neighbour 84 % of the time at 100K entries, ef=128 95 %, ef=256 99 %
-    # (benchmarks/semantic.py); real sentence embeddings cluster and do better.
-    def __init__(self, dim: int, capacity: int = 1024, M: int = 16, ef_construction: int = 100,
-                 ef: int = 160):
+    def __init__(self, dim: int, capacity: int = 1024, params: HnswParams = HnswParams()):
         self.dim = dim
-        self.M, self.ef_construction, self.ef = M, ef_construction, ef
+        self.params = params
         self.index = hnswlib.Index(space="ip", dim=dim)
-        self.index.init_index(max_elements=capacity, M=M, ef_construction=ef_construction,
+        self.index.init_index(max_elements=capacity, M=params.M,
+                              ef_construction=params.ef_construction,
                               allow_replace_deleted=True)
-        self.index.set_ef(ef)
         self.ids: set[int] = set()
         self.lock = threading.RLock()
+
+    @property
+    def ef(self) -> int:
+        return self.params.search_ef(len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,7 +99,8 @@ class VectorIndex:
                 {"fingerprint": fingerprint, "dim": self.dim, "ids": sorted(self.ids)}))
 
     @classmethod
-    def load(cls, path: Path, fingerprint: str, dim: int) -> "VectorIndex | None":
+    def load(cls, path: Path, fingerprint: str, dim: int,
+             params: HnswParams = HnswParams()) -> "VectorIndex | None":
         """The saved index if its manifest matches ``fingerprint`` (the SQL state), else None."""
         try:
             manifest = json.loads(path.with_suffix(".json").read_text())
@@ -83,11 +108,10 @@ class VectorIndex:
             return None
         if manifest.get("fingerprint") != fingerprint or manifest.get("dim") != dim:
             return None
-        idx = cls(dim)
+        idx = cls(dim, params=params)
         try:
             idx.index.load_index(str(path), allow_replace_deleted=True)
         except RuntimeError:
             return None
-        idx.index.set_ef(idx.ef)
         idx.ids = set(manifest["ids"])
         return idx

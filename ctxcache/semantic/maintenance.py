@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 
 from ctxcache.errors import InvalidInputError
 from ctxcache.kv.keys import check_namespace
-from ctxcache.semantic.index import VectorIndex
 from ctxcache.semantic.models import EntryDocument, SemanticEntry
 from ctxcache.semantic.policy import CategoryPolicy
 from ctxcache.semantic.types import _Meta
@@ -48,7 +47,7 @@ class Maintenance:
                     continue
                 idx = self.indexes.get(r.tenant)
                 if idx is None:
-                    idx = self.indexes[r.tenant] = VectorIndex(self.embedder.dim)
+                    idx = self.indexes[r.tenant] = self._new_index()
                 idx.add([r.id], np.frombuffer(r.embedding, dtype=np.float32).reshape(1, -1))
                 self.meta[r.id] = _Meta(r.context_fp, r.created_at, r.nbytes, r.category)
                 key = (r.tenant, r.category)
@@ -88,8 +87,7 @@ class Maintenance:
             with self._lock:
                 idx = self.indexes.get(tenant)
                 if idx is None:
-                    idx = self.indexes[tenant] = VectorIndex(self.embedder.dim,
-                                                             capacity=len(prompts))
+                    idx = self.indexes[tenant] = self._new_index(len(prompts))
                 idx.add(ids, embeddings[start:start + len(ids)])
                 for i, r in zip(ids, rows):
                     self.meta[i] = _Meta(context_fp, now, r["nbytes"], category)
@@ -122,6 +120,7 @@ class Maintenance:
 
     # ------------------------------------------------------------------ deletes
     def _forget(self, entry_id: int) -> tuple[str, str] | None:
+        self.verifier.forget_entry(entry_id)
         with self._lock:
             key = self._owner.pop(entry_id, None)
             m = self.meta.pop(entry_id, None)

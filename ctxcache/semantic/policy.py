@@ -26,6 +26,9 @@ class CategoryPolicy(BaseModel):
     cacheable: bool = True
     min_threshold: float | None = Field(None, gt=0.0, le=1.0, description="most relaxed (load)")
     max_ttl_s: float | None = Field(None, gt=0.0, description="longest TTL (load)")
+    max_error_rate: float | None = Field(
+        None, gt=0.0, lt=1.0, description="verified thresholds: learn the threshold online so "
+        "that at most this share of hits is wrong (None: the static threshold)")
 
     @model_validator(mode="after")
     def _bounds(self):

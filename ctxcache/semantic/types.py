@@ -57,6 +57,10 @@ class LookupResult:
     cacheable: bool
     latency_s: float  # index + SQL time (embedding excluded)
     embed_s: float
+    # verified thresholds: the best entry just below the threshold (entry id, similarity), to be
+    # compared with the fresh answer once it is generated (``SemanticCache.record_outcome``)
+    candidate: tuple[int, float] | None = None
+    tenant: str = "default"
 
 
 @dataclass

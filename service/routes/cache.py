@@ -77,6 +77,7 @@ async def cache_stats(gw: Gateway = Depends(gw_dep), t: Tenant = Depends(admin_d
     out: dict = {"backend": gw.backend.name}
     if gw.semantic is not None:
         out["semantic"] = gw.semantic.stats_dict()
+        out["semantic_verified"] = gw.semantic.verified_stats()
     if gw.store is not None:
         out["kv"] = gw.store.stats()
     planner = getattr(gw.backend, "planner", None)
