@@ -87,7 +87,10 @@ def run_ctxcache(ps, vec, real) -> tuple[dict, list[float]]:
     return score(res), lat
 
 
-def run_gptcache(ps, vec, threshold: float) -> tuple[dict, list[float]]:
+def gptcache_serve(stored: dict[str, str], queries: list[str], vec, threshold: float
+                   ) -> tuple[list[str | None], list[float]]:
+    """GPTCache (its documented default set-up) holding ``stored`` (prompt -> answer): the answer
+    it returns for each query (None: miss) and the lookup latencies."""
     from gptcache import Cache, Config
     from gptcache.adapter.api import get, put
     from gptcache.manager import CacheBase, VectorBase, get_data_manager
@@ -98,7 +101,8 @@ def run_gptcache(ps, vec, threshold: float) -> tuple[dict, list[float]]:
         cache = Cache()
         dm = get_data_manager(CacheBase("sqlite", sql_url=f"sqlite:///{d}/g.db"),
                               VectorBase("hnswlib", dimension=len(next(iter(vec.values()))),
-                                         index_file_path=f"{d}/g.bin", max_elements=20_000))
+                                         index_file_path=f"{d}/g.bin",
+                                         max_elements=max(20_000, 2 * len(stored))))
         search = dm.v.search
         # compatibility shim: hnswlib returns numpy uint64 ids, which GPTCache 0.1.44 passes
         # to SQLAlchemy unconverted and then never finds in its SQL table (every lookup a miss)
@@ -108,15 +112,20 @@ def run_gptcache(ps, vec, threshold: float) -> tuple[dict, list[float]]:
                    data_manager=dm,
                    similarity_evaluation=SearchDistanceEvaluation(),
                    config=Config(similarity_threshold=threshold))
-        for p in ps:
-            put(p["a"], p["a"], cache_obj=cache)
+        for prompt, answer in stored.items():
+            put(prompt, answer, cache_obj=cache)
         res, lat = [], []
-        for p in ps:
+        for q in queries:
             t0 = time.perf_counter()
-            got = get(p["b"], cache_obj=cache)
+            res.append(get(q, cache_obj=cache))
             lat.append(time.perf_counter() - t0)
-            res.append((got, p))
-    return score(res), lat
+    return res, lat
+
+
+def run_gptcache(ps, vec, threshold: float) -> tuple[dict, list[float]]:
+    got, lat = gptcache_serve({p["a"]: p["a"] for p in ps}, [p["b"] for p in ps], vec,
+                              threshold)
+    return score(list(zip(got, ps))), lat
 
 
 class _Emb:

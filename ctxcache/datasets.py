@@ -14,6 +14,7 @@ cached under ``<cache dir>/data``. Nothing is installed into the environment.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
@@ -165,3 +166,36 @@ def bigbench_sentences(n: int | None = None, seed: int = 0) -> list[str]:
     if n is None or n >= len(sents):
         return sents
     return random.Random(seed).sample(sents, n)
+
+
+def vitaminc_contrastive() -> list[tuple[str, str]]:
+    """VitaminC claim pairs about the same evidence with opposite verdicts (one true, one false):
+    near-identical sentences that differ in one fact ("more than 100" / "more than 50")."""
+    path = _member("bigbench==1.0.0", "vitaminc_fact_verification/task.json", "vitaminc.json")
+    by_evidence: dict[str, dict[str, list[str]]] = {}
+    for ex in json.loads(path.read_text())["examples"]:
+        evidence, _, claim = ex["input"].partition("\nClaim:")
+        verdict = max(ex["target_scores"], key=ex["target_scores"].get)
+        by_evidence.setdefault(evidence, {}).setdefault(verdict, []).append(claim.strip())
+    out = []
+    for v in by_evidence.values():
+        pairs = [(difflib.SequenceMatcher(None, t, f).ratio(), t, f)
+                 for t in v.get("True", []) for f in v.get("False", [])]
+        if pairs:
+            ratio, t, f = max(pairs)
+            if ratio >= 0.75:  # contrastive twins: one edit apart, not two unrelated claims
+                out.append((t, f))
+    return out
+
+
+def topical_chat_lines() -> list[str]:
+    """Opening lines of Topical-Chat conversations (real human chit-chat), distinct."""
+    path = _member("bigbench==1.0.0", "topical_chat/task.json", "topical_chat.json")
+    seen: dict[str, None] = {}
+    for ex in json.loads(path.read_text())["examples"]:
+        line = ex["input"].split("\n")[-1]
+        _, _, text = line.partition(": ")
+        text = text.split('" agent_')[0].strip().strip('"').strip()
+        if 10 <= len(text) <= 200:
+            seen.setdefault(text, None)
+    return list(seen)

@@ -46,39 +46,46 @@ def test_wilson_upper_bound_matches_closed_forms():
     assert 0.10 < wilson_upper(1000, 10_000) < 0.10 + 2 * z * math.sqrt(0.09 / 10_000)
 
 
-def test_cold_start_uses_the_static_threshold_and_reports_a_candidate(cache, embedder):
+def _learn_to_serve(cache, res, n: int = 60) -> None:
+    for _ in range(n):
+        assert cache.record_outcome(res, ANSWER) is True
+
+
+def test_cold_start_explores_instead_of_serving(cache, embedder):
     sim = float(embedder.embed([STORED])[0] @ embedder.embed([PARAPHRASE])[0])
-    cache.set_policy("code", {"threshold": min(0.99, sim + 0.03), "max_error_rate": 0.05})
+    cache.set_policy("code", {"threshold": 0.9, "min_threshold": 0.9, "max_error_rate": 0.05})
     cache.insert(_req(STORED), ANSWER)
-    res = cache.lookup(_req(PARAPHRASE))
-    assert res.hit is None and res.threshold == pytest.approx(min(0.99, sim + 0.03))
-    assert res.candidate is not None and res.candidate[1] == pytest.approx(sim, abs=1e-4)
+    # no evidence yet: even the exact question is not served, it is explored (the backend
+    # answers it and the answer is compared with the candidate's)
+    for text, s in ((STORED, 1.0), (PARAPHRASE, sim)):
+        res = cache.lookup(_req(text))
+        assert res.hit is None and res.threshold > 1.0
+        assert res.candidate is not None and res.candidate[1] == pytest.approx(s, abs=1e-4)
     # an unrelated request is below the exploration floor (threshold - 0.08): nothing to explore
     assert cache.lookup(_req("Which river flows through Vienna?")).candidate is None
-    # without a bound there is never a candidate (no exploration cost)
+    # without a bound: the static threshold serves, and there is never a candidate
     cache.set_policy("code", {"max_error_rate": None})
-    assert cache.lookup(_req(PARAPHRASE)).candidate is None
+    res = cache.lookup(_req(PARAPHRASE))
+    assert res.hit is not None and res.candidate is None
 
 
-def test_explored_misses_lower_the_threshold_until_paraphrases_hit(cache, embedder):
+def test_agreeing_comparisons_unlock_serving_down_to_where_they_were_seen(cache, embedder):
     cache.insert(_req(STORED), ANSWER)
     sim = float(embedder.embed([STORED])[0] @ embedder.embed([PARAPHRASE])[0])
-    cache.set_policy("code", {"threshold": min(0.99, sim + 0.03), "max_error_rate": 0.05})
+    cache.set_policy("code", {"threshold": 0.99, "min_threshold": 0.99, "max_error_rate": 0.05})
     res = cache.lookup(_req(PARAPHRASE))
     assert res.hit is None and res.candidate is not None
-    assert res.candidate[1] == pytest.approx(sim, abs=1e-4)
-    # the backend's fresh answers agree with the stored one: 0 errors; 0/n passes the 5 % bound
-    # at 95 % confidence once n >= z^2 (1 - d) / d = 51.4
+    # 0 errors in n passes the 5 % bound at 95 % confidence once n >= z^2 (1 - d) / d = 51.4
     for k in range(60):
         assert cache.record_outcome(res, {"text": ANSWER["text"]}) is True
-        thr, verified = cache.threshold_for("t1", "code")
-        assert verified
+        thr, floor, verified = cache.threshold_for("t1", "code")
+        assert verified and floor < 0.99
         if k < 51:
-            assert thr == pytest.approx(min(0.99, sim + 0.03))  # not enough evidence yet
-    assert thr <= sim
+            assert thr > 1.0  # not enough evidence yet: still exploring
+    assert sim - 0.005 <= thr <= sim  # serves down to where agreement was observed
     hit = cache.lookup(_req(PARAPHRASE)).hit
     assert hit is not None and hit.response == ANSWER
-    # another tenant has its own evidence: still the static threshold there
+    # another tenant has its own evidence: still exploring there
     cache.insert(_req(STORED, "t2"), ANSWER)
     assert cache.lookup(_req(PARAPHRASE, "t2")).hit is None
     report = [r for r in cache.verified_stats() if r["tenant"] == "t1" and r["category"] == "code"]
@@ -86,37 +93,42 @@ def test_explored_misses_lower_the_threshold_until_paraphrases_hit(cache, embedd
     assert report[0]["error_rate_upper_95"] <= 0.05
 
 
-def test_wrong_answers_block_the_entry_and_raise_the_threshold(cache, embedder):
+def test_wrong_answers_block_the_entry_and_raise_the_threshold(cache):
     cache.insert(_req(STORED), ANSWER)
-    cache.set_policy("code", {"threshold": 0.5, "min_threshold": 0.5, "max_error_rate": 0.05})
+    cache.set_policy("code", {"threshold": 0.8, "min_threshold": 0.8, "max_error_rate": 0.05})
+    _learn_to_serve(cache, cache.lookup(_req(STORED)))  # evidence at similarity 1.0
+    _learn_to_serve(cache, cache.lookup(_req(PARAPHRASE)))
     res = cache.lookup(_req(PARAPHRASE))
-    assert res.hit is not None  # served under the loose static threshold
+    assert res.hit is not None
     # a sampled verification finds it wrong: that entry is not served at that similarity again
     assert cache.record_outcome(res, WRONG) is False
     assert cache.verifier.guard(res.hit.entry_id) == pytest.approx(res.hit.similarity)
     again = cache.lookup(_req(PARAPHRASE))
     assert again.hit is None and again.candidate[0] == res.hit.entry_id
-    # verified hits are weighted by 1/verify_rate: 60 wrong ones are n_eff 60, rate 1.0
+    assert cache.lookup(_req(STORED)).hit is not None  # above the guard: still served
+    # verified hits weigh 1/verify_rate: 60 wrong ones at 0.97 outweigh the agreeing evidence
     for _ in range(60):
         cache.verifier.observe("t1", "code", -1, 0.97, True, propensity=0.25)
-    thr, _ = cache.threshold_for("t1", "code")
+    thr, _, _ = cache.threshold_for("t1", "code")
     assert thr > 0.97  # errors at 0.97 exceed the bound: serve only above them
     assert cache.stats_dict()["code"]["false_hits"] == 1
 
 
-def test_learned_threshold_stops_where_errors_start(embedder):
+def test_learned_threshold_stops_where_errors_start():
     v = VerifiedThresholds(min_observations=30)
     for i in range(400):  # right above 0.85, wrong below 0.80 (half the time between)
         s = 0.75 + 0.25 * i / 400
         wrong = s < 0.80 or (s < 0.85 and i % 2 == 0)
         v.observe("t", "factual", i, s, wrong)
-    thr = v.threshold("t", "factual", static=0.95, bound=0.05)
-    assert 0.80 < thr < 0.9
+    thr, floor = v.decide("t", "factual", static=0.95, bound=0.05)
+    assert 0.80 < thr < 0.9 and floor == pytest.approx(thr - 0.08)
     rep = v.report("t", "factual", 0.95, 0.05)
     assert rep["error_rate_upper_95"] <= 0.05 and rep["threshold"] == thr
     # a stricter tenant bound moves it up, never down
     v.set_max_error("t", "factual", 0.01)
-    assert v.threshold("t", "factual", static=0.95, bound=0.01) >= thr
+    assert v.decide("t", "factual", static=0.95, bound=0.01)[0] >= thr
+    # no evidence at all: nothing served
+    assert v.decide("t", "code", static=0.9, bound=0.05) == (2.0, pytest.approx(0.82))
 
 
 def test_bad_configuration_is_a_typed_error(cache):

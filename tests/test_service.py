@@ -455,3 +455,48 @@ def test_sglang_schema_backend_end_to_end(engine, embedder, tmp_path):
             srv.stop()
     finally:
         sg.stop()
+
+
+def test_verified_thresholds_learn_from_explored_misses_and_verified_hits(engine, embedder,
+                                                                         tmp_path):
+    """The pipeline feeds verified thresholds: a miss just below the threshold is compared
+    with its candidate after generation (free), a sampled hit is re-generated and compared."""
+    gw = make_gateway(tmp_path, engine, embedder)
+    gw.semantic.verify_rate = 1.0
+    q, para = "Which planet is known as the red planet?", "which planet is called the red planet"
+    a, b = embedder.embed([q, para])
+    thr = min(0.999, float(a @ b) + 0.02)
+    srv = Server(create_app(gateway=gw))
+    try:
+        c = oa(srv.url)
+        for cat in gw.semantic.categories:
+            r = httpx.put(f"{srv.url}/v1/cache/policies/{cat}", json={
+                "threshold": thr, "min_threshold": thr, "max_error_rate": 0.05}, timeout=30)
+            assert r.status_code == 200, r.text
+        bad = httpx.put(f"{srv.url}/v1/cache/policies/code", json={"max_error_rate": 1.5},
+                        timeout=30)
+        assert bad.status_code == 400 and "max_error_rate" in bad.text
+        msgs = [{"role": "user", "content": q}]
+        first = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
+                                                            max_tokens=16)
+        assert first.headers["x-ctxcache-cache"] == "miss"
+        near = c.chat.completions.with_raw_response.create(
+            model=MODEL, max_tokens=16, messages=[{"role": "user", "content": para}])
+        assert near.headers["x-ctxcache-cache"] == "miss"  # below the static threshold
+        hit = c.chat.completions.with_raw_response.create(model=MODEL, messages=msgs,
+                                                          max_tokens=16)
+        assert hit.headers["x-ctxcache-cache"] == "semantic-hit"
+        t0 = time.time()
+        while time.time() - t0 < 120:  # both comparisons run in the background
+            stats = httpx.get(srv.url + "/v1/cache/stats", timeout=30).json()
+            rows = [r for r in stats["semantic_verified"] if r["observations"]]
+            if sum(r["observations"] for r in rows) >= 2:
+                break
+            time.sleep(0.2)
+        assert sum(r["observations"] for r in rows) >= 2, stats["semantic_verified"]
+        assert all(r["max_error_rate"] == 0.05 for r in stats["semantic_verified"])
+        verified = sum(v["verified"] for v in stats["semantic"].values())
+        assert verified >= 1  # the greedy re-answer of the hit was compared
+    finally:
+        srv.stop()
+        gw.close()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from ctxcache.db import make_engine, migrate
@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = 8
 HIT_WRITE_DELAY_S = 0.5  # hit counters reach SQL within this
+# built once: constructing the statement per lookup cost as much as running it
+_PAYLOAD = select(SemanticEntry.response, SemanticEntry.created_at, SemanticEntry.prompt).where(
+    SemanticEntry.id == bindparam("entry_id"))
 
 
 class SemanticCache(Maintenance):
@@ -211,8 +214,7 @@ class SemanticCache(Maintenance):
         t1 = time.perf_counter()
         category = self.router.categorize(emb, req.category, req.route)
         policy = self.policies[category]
-        threshold, verified = self.threshold_for(req.tenant, category)
-        floor = self.verifier.floor(threshold) if verified else threshold
+        threshold, floor, verified = self.threshold_for(req.tenant, category)
         hit = candidate = None
         covered = self._covered(req.text, category)
         if policy.cacheable and covered:
@@ -227,14 +229,18 @@ class SemanticCache(Maintenance):
         return LookupResult(hit, category, emb, threshold, policy.cacheable and covered, dt,
                             t1 - t0, candidate if verified else None, req.tenant)
 
-    def threshold_for(self, tenant: str, category: str) -> tuple[float, bool]:
-        """(similarity threshold in force, whether it is a verified/learned one)."""
+    def threshold_for(self, tenant: str, category: str) -> tuple[float, float, bool]:
+        """(serve at or above, explore at or above, whether verified thresholds apply).
+
+        Static policy: serve at the (load-adjusted) threshold, explore nothing. Verified: the
+        learned threshold (above 1 while there is too little evidence) and the exploration
+        floor below it."""
         policy = self.policies[category]
         static = self.load.threshold(policy)
         bound = self.verifier.max_error(tenant, category, policy.max_error_rate)
         if bound is None:
-            return static, False
-        return self.verifier.threshold(tenant, category, static, bound), True
+            return static, static, False
+        return (*self.verifier.decide(tenant, category, static, bound), True)
 
     def _covered(self, text: str, category: str) -> bool:
         if self.language_gate is None or self.language_gate.check(text).covered:
@@ -291,9 +297,7 @@ class SemanticCache(Maintenance):
             return None, near
         entry_id, sim = best
         with self.engine.connect() as conn:  # Core select by primary key: no ORM overhead
-            row = conn.execute(select(SemanticEntry.response, SemanticEntry.created_at,
-                                      SemanticEntry.prompt).where(SemanticEntry.id == entry_id)
-                               ).first()
+            row = conn.execute(_PAYLOAD, {"entry_id": entry_id}).first()
         if row is None:  # deleted by another replica
             self._forget(entry_id)
             return None, near

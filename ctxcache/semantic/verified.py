@@ -17,10 +17,14 @@ error rate, not the similarity. Here, per (tenant, category):
   rate above ``t`` estimates the error rate of *all* hits served at ``t``.
 * The learned threshold is the lowest ``t`` (on a 0.005 grid) where the one-sided upper
   confidence bound (Wilson, z = 1.645, effective sample size of the weights) of that error rate
-  is within ``max_error_rate`` for ``t`` and every better-evidenced ``t' > t``; with too little
-  evidence (effective n < ``min_observations``) the static category threshold applies (cold
-  start); where errors above the static threshold already exceed the bound, the threshold rises
-  above them. It can move both ways.
+  is within ``max_error_rate``, scanning down from 1 and stopping where the bound first fails
+  below a passing level (errors start there). It moves both ways as evidence arrives; where no
+  level passes (too little evidence, or errors up to the top) nothing is served.
+* Cold start: until that bound holds somewhere, nothing in the category is served; every
+  candidate above ``static - explore_margin`` is explored (the user gets the backend's answer,
+  which is compared with the candidate's). So the bound is never traded for early hits: a
+  category starts paying off after roughly ``z² (1 - d) / d`` agreeing comparisons (52 at a 5 %
+  bound), and one whose near-misses look like its paraphrases never does.
 * Per entry: an entry shown wrong for a request at similarity ``s`` is not served at ``<= s``
   again — the one bad neighbour that a category-wide threshold cannot see.
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -45,6 +50,7 @@ import numpy as np
 from ctxcache.errors import InvalidInputError
 
 Z_95 = 1.645  # one-sided 95 %
+NO_SERVE = 2.0  # a threshold no cosine similarity reaches
 
 
 def wilson_upper(errors: float, n: float, z: float = Z_95) -> float:
@@ -86,6 +92,9 @@ class Evidence:
     weights: deque
     learned: float | None = None  # None: not enough evidence (static threshold applies)
     dirty: bool = False
+    pending: int = 0  # observations since the last learning
+    learned_at: float = 0.0
+    learned_for: tuple[float, float] | None = None  # (static threshold, bound) it was learned for
 
 
 class VerifiedThresholds:
@@ -114,26 +123,38 @@ class VerifiedThresholds:
             else:
                 self._bounds[(tenant, category)] = rate
             if (tenant, category) in self._ev:
-                self._ev[(tenant, category)].dirty = True
+                ev = self._ev[(tenant, category)]
+                ev.dirty, ev.pending = True, -1  # a new bound applies at once
 
     def max_error(self, tenant: str, category: str, policy_bound: float | None) -> float | None:
         return self._bounds.get((tenant, category), policy_bound)
 
     # ----------------------------------------------------------------- decisions
-    def threshold(self, tenant: str, category: str, static: float, bound: float) -> float:
-        """The threshold to serve at: learned where evidence suffices, else ``static``."""
+    def learned(self, tenant: str, category: str, static: float, bound: float) -> float | None:
+        """The learned threshold, or None while the evidence is too thin to bound the error."""
         with self._lock:
             ev = self._ev.get((tenant, category))
             if ev is None:
-                return static
-            if ev.dirty:
+                return None
+            # re-learn once the evidence grew by 5 % or a second passed: O(grid · log n) work
+            # that would otherwise fall on every lookup under steady exploration
+            changed = ev.learned_for != (static, bound)  # policy edited, load moved
+            if changed or ev.dirty and (ev.pending * 20 >= len(ev.sims) or ev.pending == -1
+                                        or time.monotonic() - ev.learned_at >= 1.0):
                 ev.learned = self._learn(ev, static, bound)
-                ev.dirty = False
-            return static if ev.learned is None else ev.learned
+                ev.dirty, ev.pending, ev.learned_at = False, 0, time.monotonic()
+                ev.learned_for = (static, bound)
+            return ev.learned
 
-    def floor(self, threshold: float) -> float:
-        """Lowest similarity whose candidate is explored (compared after generation)."""
-        return max(0.0, threshold - self.explore_margin)
+    def decide(self, tenant: str, category: str, static: float, bound: float
+               ) -> tuple[float, float]:
+        """(serve at or above, explore at or above). Until the evidence bounds the error, nothing
+        is served: candidates above the floor are explored — answered by the backend (the user
+        gets a fresh answer, never an unverified one) and compared. The floor follows the
+        learned threshold down, so evidence can reach lower similarities over time."""
+        learned = self.learned(tenant, category, static, bound)
+        serve = NO_SERVE if learned is None else learned
+        return serve, max(0.0, min(static, serve) - self.explore_margin)
 
     def guard(self, entry_id: int) -> float:
         """The entry is not served at similarities at or below this (-1: no evidence)."""
@@ -154,6 +175,8 @@ class VerifiedThresholds:
             ev.wrong.append(bool(wrong))
             ev.weights.append(1.0 / propensity)
             ev.dirty = True
+            if ev.pending >= 0:
+                ev.pending += 1
             if wrong:
                 self._guard[entry_id] = max(self._guard.get(entry_id, -1.0), float(similarity))
             self.observed[(tenant, category)] += 1
@@ -170,7 +193,7 @@ class VerifiedThresholds:
         order = np.argsort(-s)
         s, w, e = s[order], w[order], e[order]
         cw, cw2, ce = np.cumsum(w), np.cumsum(w * w), np.cumsum(w * e)
-        learned, seen = None, False
+        learned = None
         for t in np.arange(1.0, s[-1] - self.grid_step, -self.grid_step):
             k = int(np.searchsorted(-s, -t, side="right"))  # observations with sim >= t
             if k == 0:
@@ -178,28 +201,28 @@ class VerifiedThresholds:
             n_eff = cw[k - 1] ** 2 / cw2[k - 1]
             if n_eff < self.min_observations:
                 continue
-            rate_ub = wilson_upper(ce[k - 1] / cw[k - 1] * n_eff, n_eff, self.z)
-            if rate_ub > bound:
-                if not seen:  # errors already too frequent at the best-evidenced level
-                    return max(static, float(t) + self.grid_step)
-                break
-            seen, learned = True, float(t)
+            if wilson_upper(ce[k - 1] / cw[k - 1] * n_eff, n_eff, self.z) > bound:
+                if learned is not None:
+                    break  # errors start here: do not reach below them
+                continue  # too few agreeing observations yet, or errors at the top
+            learned = float(t)
         return learned
 
     def report(self, tenant: str, category: str, static: float, bound: float | None) -> dict:
         """Learned threshold and the evidence behind it (for /v1/cache/stats and benchmarks)."""
-        thr = self.threshold(tenant, category, static, bound) if bound else static
+        thr = self.decide(tenant, category, static, bound)[0] if bound else static
         with self._lock:
             ev = self._ev.get((tenant, category))
             if ev is None or not ev.sims:
-                return {"threshold": thr, "learned": False, "observations": 0,
-                        "max_error_rate": bound}
+                return {"threshold": thr if thr < NO_SERVE else None, "learned": False,
+                        "observations": 0, "max_error_rate": bound}
             s, w = np.asarray(ev.sims), np.asarray(ev.weights)
             e = np.asarray(ev.wrong, dtype=np.float64)
         above = s >= thr
         n_eff = float(w[above].sum() ** 2 / max((w[above] ** 2).sum(), 1e-12)) if above.any() else 0
         rate = float((w[above] * e[above]).sum() / w[above].sum()) if above.any() else None
-        return {"threshold": thr, "learned": ev.learned is not None, "observations": len(s),
+        return {"threshold": thr if thr < NO_SERVE else None,
+                "learned": ev.learned is not None, "observations": len(s),
                 "max_error_rate": bound, "error_rate_estimate": rate,
                 "error_rate_upper_95": wilson_upper(rate * n_eff, n_eff, self.z)
                 if rate is not None else None, "effective_n": n_eff}
