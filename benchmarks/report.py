@@ -217,11 +217,11 @@ def semantic_multidomain() -> str:
              "global_same_fhr": "one global threshold at the same false hits (oracle)",
              "global_calibrated": "one global threshold calibrated alike",
              "shipped_thresholds": "shipped per-category defaults",
-             "verified_from_shipped_both_passes": "verified (learned online) from shipped, "
-                                                  "both passes",
-             "verified_from_shipped_second_pass": "verified from shipped, 2nd pass",
-             "verified_from_calibrated_second_pass": "verified from calibrated, 2nd pass",
              "gptcache_default": "GPTCache 0.1.44 default (0.8)"}
+    for bound in d["max_error_rate"]:
+        names[f"verified_{bound:g}_both_passes"] = (f"verified, ≤ {bound:.0%} wrong hits, "
+                                                    "learned online (both passes)")
+        names[f"verified_{bound:g}_second_pass"] = f"verified, ≤ {bound:.0%} wrong hits (2nd pass)"
     make = "; ".join(f"{dom}: " + ", ".join(f"{n} {k}" for k, n in kinds.items())
                      for dom, kinds in d["make_up"].items())
     return (f"{d['queries']} labelled queries over {d['stored']} stored requests ({make}). "

@@ -426,6 +426,11 @@ class SemanticCache(Maintenance):
             st.verified += 1
             st.false_hits += not consistent
 
+    def verified_anywhere(self) -> bool:
+        """Whether any category (or tenant override) has verified thresholds."""
+        return any(p.max_error_rate is not None for p in self.policies.values()) or \
+            self.verifier.has_overrides()
+
     def verified_stats(self) -> list[dict]:
         """Learned thresholds and their evidence, per (tenant, category) with a bound."""
         with self._lock:

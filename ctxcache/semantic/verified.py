@@ -38,6 +38,7 @@ thresholds, which is the safe side).
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -69,6 +70,13 @@ class AnswerJudge(Protocol):
         """Would ``stored`` have been an acceptable answer where ``fresh`` was generated?"""
 
 
+def _answer_text(answer: dict) -> str:
+    """A generated answer's text, or a client-cache entry's value as canonical JSON."""
+    if "text" in answer:
+        return str(answer["text"]).strip()
+    return json.dumps(answer.get("value"), sort_keys=True, default=str)
+
+
 class EmbeddingJudge:
     """Answers agree when their texts embed close (exact repeats short-circuit)."""
 
@@ -76,7 +84,7 @@ class EmbeddingJudge:
         self.embed, self.min_similarity = embed, min_similarity
 
     def same(self, fresh: dict, stored: dict) -> bool:
-        a, b = str(fresh.get("text", "")).strip(), str(stored.get("text", "")).strip()
+        a, b = _answer_text(fresh), _answer_text(stored)
         if a == b:
             return True
         if not a or not b:
@@ -125,6 +133,9 @@ class VerifiedThresholds:
             if (tenant, category) in self._ev:
                 ev = self._ev[(tenant, category)]
                 ev.dirty, ev.pending = True, -1  # a new bound applies at once
+
+    def has_overrides(self) -> bool:
+        return bool(self._bounds)
 
     def max_error(self, tenant: str, category: str, policy_bound: float | None) -> float | None:
         return self._bounds.get((tenant, category), policy_bound)
