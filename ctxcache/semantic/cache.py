@@ -42,6 +42,7 @@ from ctxcache.semantic.classifier import (
 )
 from ctxcache.semantic.embedder import Embedder
 from ctxcache.semantic.language import LanguageGate, gate_for
+from ctxcache.semantic.feedback import Feedback
 from ctxcache.semantic.maintenance import SYNC_LAG_IDS, Maintenance
 from ctxcache.semantic.types import (  # noqa: F401 - re-exported
     MAX_TEXT_CHARS, CacheHit, CacheRequest, CategoryStats, LookupResult, _Meta,
@@ -59,9 +60,11 @@ HIT_WRITE_DELAY_S = 0.5  # hit counters reach SQL within this
 # built once: constructing the statement per lookup cost as much as running it
 _PAYLOAD = select(SemanticEntry.response, SemanticEntry.created_at, SemanticEntry.prompt).where(
     SemanticEntry.id == bindparam("entry_id"))
+_HITS = update(SemanticEntry).where(SemanticEntry.id == bindparam("entry_id")).values(
+    hits=SemanticEntry.hits + bindparam("n"), last_hit_at=bindparam("last"))
 
 
-class SemanticCache(Maintenance):
+class SemanticCache(Maintenance, Feedback):
     def __init__(
         self,
         embedder: Embedder,
@@ -229,19 +232,6 @@ class SemanticCache(Maintenance):
         return LookupResult(hit, category, emb, threshold, policy.cacheable and covered, dt,
                             t1 - t0, candidate if verified else None, req.tenant)
 
-    def threshold_for(self, tenant: str, category: str) -> tuple[float, float, bool]:
-        """(serve at or above, explore at or above, whether verified thresholds apply).
-
-        Static policy: serve at the (load-adjusted) threshold, explore nothing. Verified: the
-        learned threshold (above 1 while there is too little evidence) and the exploration
-        floor below it."""
-        policy = self.policies[category]
-        static = self.load.threshold(policy)
-        bound = self.verifier.max_error(tenant, category, policy.max_error_rate)
-        if bound is None:
-            return static, static, False
-        return (*self.verifier.decide(tenant, category, static, bound), True)
-
     def _covered(self, text: str, category: str) -> bool:
         if self.language_gate is None or self.language_gate.check(text).covered:
             return True
@@ -322,11 +312,9 @@ class SemanticCache(Maintenance):
             pending, self._pending_hits = self._pending_hits, {}
         if not pending:
             return
-        with Session(self.engine) as s:
-            for entry_id, (n, last) in pending.items():
-                s.execute(update(SemanticEntry).where(SemanticEntry.id == entry_id).values(
-                    hits=SemanticEntry.hits + n, last_hit_at=last))
-            s.commit()
+        with self.engine.begin() as conn:  # one executemany: the GIL is held briefly
+            conn.execute(_HITS, [{"entry_id": i, "n": n, "last": last}
+                                 for i, (n, last) in pending.items()])
 
     # ------------------------------------------------------------------ insert
     def insert(self, req: CacheRequest, response: dict, *, finish_reason: str = "stop",
@@ -387,64 +375,6 @@ class SemanticCache(Maintenance):
         with self._lock:
             self.policies[category] = pol
         return pol
-
-    def should_verify(self) -> bool:
-        return self.verify_rate > 0 and self._rng.random() < self.verify_rate
-
-    def record_outcome(self, result: LookupResult, fresh: dict) -> bool | None:
-        """Compare a freshly generated answer with what the cache had for this request.
-
-        For a (sampled) verified hit: the hit's answer; for a miss with a candidate just below
-        the threshold: that candidate's stored answer. Feeds the verified thresholds (and the
-        false-hit estimate for hits). Returns whether they agreed, None when nothing to compare.
-        """
-        if result.hit is not None:
-            entry_id, sim, stored = result.hit.entry_id, result.hit.similarity, \
-                result.hit.response
-            propensity = self.verify_rate if self.verify_rate > 0 else 1.0
-        elif result.candidate is not None:
-            entry_id, sim = result.candidate
-            with self.engine.connect() as conn:
-                row = conn.execute(select(SemanticEntry.response).where(
-                    SemanticEntry.id == entry_id)).first()
-            if row is None:
-                return None
-            stored, propensity = json.loads(row.response), 1.0
-        else:
-            return None
-        same = self.judge.same(fresh, stored)
-        self.verifier.observe(result.tenant, result.category, entry_id, sim, not same,
-                              propensity)
-        if result.hit is not None:
-            self.record_verification(result.category, same)
-        return same
-
-    def record_verification(self, category: str, consistent: bool) -> None:
-        """Outcome of re-answering a hit freshly (sampled): feeds the false-hit estimate."""
-        with self._lock:
-            st = self.stats[category]
-            st.verified += 1
-            st.false_hits += not consistent
-
-    def verified_anywhere(self) -> bool:
-        """Whether any category (or tenant override) has verified thresholds."""
-        return any(p.max_error_rate is not None for p in self.policies.values()) or \
-            self.verifier.has_overrides()
-
-    def verified_stats(self) -> list[dict]:
-        """Learned thresholds and their evidence, per (tenant, category) with a bound."""
-        with self._lock:
-            tenants = sorted(self.indexes)
-        out = []
-        for t in tenants:
-            for c in self.categories:
-                pol = self.policies[c]
-                bound = self.verifier.max_error(t, c, pol.max_error_rate)
-                if bound is None:
-                    continue
-                out.append({"tenant": t, "category": c, "static_threshold": pol.threshold,
-                            **self.verifier.report(t, c, self.load.threshold(pol), bound)})
-        return out
 
     def count(self, tenant: str | None = None) -> int:
         with Session(self.engine) as s:
