@@ -91,16 +91,16 @@ def score(served: list[str | None], queries: list[dict], answers: set[str]) -> d
             "error_among_hits_upper_95": wilson_upper(false, hits) if hits else None}
 
 
-def run_static(emb, tmp, stored, queries, thresholds: dict[str, float], name) -> dict:
+def run_static(emb, tmp, stored, queries, thresholds: dict[str, float], name) -> list:
+    """The answer key each query is served (None: miss) under fixed per-category thresholds."""
     pol = {c: {"threshold": t, "min_threshold": t} for c, t in thresholds.items()}
     c = new_cache(emb, tmp, name, stored, pol)
     served = []
     for q in queries:
         r = c.lookup(CacheRequest(q["b"]), embedding=emb.vec[q["b"]])
         served.append(r.hit.response["text"] if r.hit else None)
-    cats = [c.router.categorize(emb.vec[q["b"]], None, None) for q in queries]
     c.close()
-    return {"served": served, "cats": cats}
+    return served
 
 
 class Simulator:
@@ -237,15 +237,15 @@ def main() -> None:
             evq = [pairs[i] for i in ev]
             g_cal = sim.best_global(cal, args.target_fhr)
             per_cat = sim.calibrate(cal, args.target_fhr, g_cal)
-            ca = score(run_static(emb, tmp, stored, evq, per_cat, f"ca{k}")["served"], evq,
-                       answers)
+            served_ca = run_static(emb, tmp, stored, evq, per_cat, f"ca{k}")
+            ca = score(served_ca, evq, answers)
             g_same = sim.best_global(ev, ca["false_hit_rate"])
-            glob = score(run_static(emb, tmp, stored, evq, {c: g_same for c in cats},
-                                    f"g{k}")["served"], evq, answers)
-            gcal = score(run_static(emb, tmp, stored, evq, {c: g_cal for c in cats},
-                                    f"gc{k}")["served"], evq, answers)
-            shipped_res = score(run_static(emb, tmp, stored, evq, shipped, f"s{k}")["served"],
-                                evq, answers)
+            served_g = run_static(emb, tmp, stored, evq, {c: g_same for c in cats}, f"g{k}")
+            glob = score(served_g, evq, answers)
+            gcal = score(run_static(emb, tmp, stored, evq, {c: g_cal for c in cats}, f"gc{k}"),
+                         evq, answers)
+            shipped_res = score(run_static(emb, tmp, stored, evq, shipped, f"s{k}"), evq,
+                                answers)
             verified = {}
             for d in args.max_error:
                 passes, learned, extra = run_verified(emb, tmp, stored, evq, d,
@@ -258,8 +258,8 @@ def main() -> None:
                     "global_same_fhr": {**glob, "threshold": g_same},
                     "global_calibrated": {**gcal, "threshold": g_cal},
                     "shipped_thresholds": shipped_res, **verified,
-                    "per_domain": per_domain(evq, ca, emb, tmp, stored, per_cat, g_same,
-                                             answers, k)}
+                    "per_domain": per_domain(evq, {"category_aware": served_ca,
+                                                   "global": served_g}, answers)}
             if not args.no_gptcache:
                 from benchmarks.semantic_gptcache import gptcache_serve
 
@@ -302,12 +302,9 @@ def main() -> None:
         "summary": summary, "folds": folds, "env": environment("cpu")}, args.out)
 
 
-def per_domain(evq, ca, emb, tmp, stored, per_cat, g_same, answers, k) -> dict:
-    """Hit and false-hit rates per domain for the category-aware and the global policy."""
+def per_domain(evq, runs: dict[str, list], answers) -> dict:
+    """Hit and false-hit rates per domain of each run's served answers."""
     out = {}
-    runs = {"category_aware": run_static(emb, tmp, stored, evq, per_cat, f"pdca{k}")["served"],
-            "global": run_static(emb, tmp, stored, evq, {c: g_same for c in per_cat},
-                                 f"pdg{k}")["served"]}
     for d in sorted({q["domain"] for q in evq}):
         idx = [i for i, q in enumerate(evq) if q["domain"] == d]
         out[d] = {name: score([s[i] for i in idx], [evq[i] for i in idx], answers)

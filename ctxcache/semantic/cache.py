@@ -286,8 +286,7 @@ class SemanticCache(Maintenance, Feedback):
         if best is None:
             return None, near
         entry_id, sim = best
-        with self.engine.connect() as conn:  # Core select by primary key: no ORM overhead
-            row = conn.execute(_PAYLOAD, {"entry_id": entry_id}).first()
+        row = self._payload(entry_id)
         if row is None:  # deleted by another replica
             self._forget(entry_id)
             return None, near
@@ -301,6 +300,11 @@ class SemanticCache(Maintenance, Feedback):
         if first:
             self._writer.submit(self._write_hits, HIT_WRITE_DELAY_S)
         return hit, None
+
+    def _payload(self, entry_id: int):
+        """(response, created_at, prompt) of an entry, or None if it is gone."""
+        with self.engine.connect() as conn:  # Core select by primary key: no ORM overhead
+            return conn.execute(_PAYLOAD, {"entry_id": entry_id}).first()
 
     def _write_hits(self, delay: float = 0.0) -> None:
         """Write every hit counted in the last ``delay`` seconds in one transaction: a commit

@@ -6,16 +6,13 @@ Two uses of one comparison (a freshly generated answer vs the one the cache had)
   learned under a bound on wrong hits, including misses whose best candidate lay just below it.
 
 A mixin of ``SemanticCache`` (like ``Maintenance``): it reads the cache's policies, verifier,
-judge, engine and statistics.
+judge, payloads and statistics.
 """
 
 from __future__ import annotations
 
 import json
 
-from sqlalchemy import select
-
-from ctxcache.semantic.models import SemanticEntry
 from ctxcache.semantic.types import LookupResult
 
 
@@ -49,9 +46,7 @@ class Feedback:
             propensity = self.verify_rate if self.verify_rate > 0 else 1.0
         elif result.candidate is not None:
             entry_id, sim = result.candidate
-            with self.engine.connect() as conn:
-                row = conn.execute(select(SemanticEntry.response).where(
-                    SemanticEntry.id == entry_id)).first()
+            row = self._payload(entry_id)
             if row is None:
                 return None
             stored, propensity = json.loads(row.response), 1.0

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import hnswlib
 import numpy as np

@@ -32,8 +32,8 @@ Approximations (stated, not hidden): the bound is per threshold, not simultaneou
 (choosing the lowest passing ``t`` is mildly optimistic; requiring every higher ``t`` to pass
 limits that); answers are judged equal by a pluggable judge (default: the cache's embedder,
 cosine >= 0.9 of the two answer texts), so the bound holds for what the judge calls an error;
-evidence lives in memory per replica (a restart or a new replica starts from the static
-thresholds, which is the safe side).
+evidence lives in memory per replica (a restart or a new replica starts exploring again,
+which is the safe side).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import json
 import math
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -98,11 +98,11 @@ class Evidence:
     sims: deque
     wrong: deque
     weights: deque
-    learned: float | None = None  # None: not enough evidence (static threshold applies)
+    learned: float | None = None  # None: too little evidence to bound the error (not served)
     dirty: bool = False
     pending: int = 0  # observations since the last learning
     learned_at: float = 0.0
-    learned_for: tuple[float, float] | None = None  # (static threshold, bound) it was learned for
+    learned_for: float | None = None  # the bound it was learned for
 
 
 class VerifiedThresholds:
@@ -118,7 +118,6 @@ class VerifiedThresholds:
         self._guard: dict[int, float] = {}
         self._bounds: dict[tuple[str, str], float] = {}  # tenant overrides
         self._lock = threading.Lock()
-        self.observed = defaultdict(int)
 
     # ----------------------------------------------------------------- configuration
     def set_max_error(self, tenant: str, category: str, rate: float | None) -> None:
@@ -130,9 +129,6 @@ class VerifiedThresholds:
                 self._bounds.pop((tenant, category), None)
             else:
                 self._bounds[(tenant, category)] = rate
-            if (tenant, category) in self._ev:
-                ev = self._ev[(tenant, category)]
-                ev.dirty, ev.pending = True, -1  # a new bound applies at once
 
     def has_overrides(self) -> bool:
         return bool(self._bounds)
@@ -141,7 +137,7 @@ class VerifiedThresholds:
         return self._bounds.get((tenant, category), policy_bound)
 
     # ----------------------------------------------------------------- decisions
-    def learned(self, tenant: str, category: str, static: float, bound: float) -> float | None:
+    def learned(self, tenant: str, category: str, bound: float) -> float | None:
         """The learned threshold, or None while the evidence is too thin to bound the error."""
         with self._lock:
             ev = self._ev.get((tenant, category))
@@ -149,12 +145,12 @@ class VerifiedThresholds:
                 return None
             # re-learn once the evidence grew by 5 % or a second passed: O(grid · log n) work
             # that would otherwise fall on every lookup under steady exploration
-            changed = ev.learned_for != (static, bound)  # policy edited, load moved
-            if changed or ev.dirty and (ev.pending * 20 >= len(ev.sims) or ev.pending == -1
-                                        or time.monotonic() - ev.learned_at >= 1.0):
-                ev.learned = self._learn(ev, static, bound)
+            # a new bound (policy edited, tenant override) applies at once
+            if ev.learned_for != bound or ev.dirty and (
+                    ev.pending * 20 >= len(ev.sims) or time.monotonic() - ev.learned_at >= 1.0):
+                ev.learned = self._learn(ev, bound)
                 ev.dirty, ev.pending, ev.learned_at = False, 0, time.monotonic()
-                ev.learned_for = (static, bound)
+                ev.learned_for = bound
             return ev.learned
 
     def decide(self, tenant: str, category: str, static: float, bound: float
@@ -163,7 +159,7 @@ class VerifiedThresholds:
         is served: candidates above the floor are explored — answered by the backend (the user
         gets a fresh answer, never an unverified one) and compared. The floor follows the
         learned threshold down, so evidence can reach lower similarities over time."""
-        learned = self.learned(tenant, category, static, bound)
+        learned = self.learned(tenant, category, bound)
         serve = NO_SERVE if learned is None else learned
         return serve, max(0.0, min(static, serve) - self.explore_margin)
 
@@ -186,16 +182,14 @@ class VerifiedThresholds:
             ev.wrong.append(bool(wrong))
             ev.weights.append(1.0 / propensity)
             ev.dirty = True
-            if ev.pending >= 0:
-                ev.pending += 1
+            ev.pending += 1
             if wrong:
                 self._guard[entry_id] = max(self._guard.get(entry_id, -1.0), float(similarity))
-            self.observed[(tenant, category)] += 1
 
     def forget_entry(self, entry_id: int) -> None:
         self._guard.pop(entry_id, None)
 
-    def _learn(self, ev: Evidence, static: float, bound: float) -> float | None:
+    def _learn(self, ev: Evidence, bound: float) -> float | None:
         if not ev.sims:
             return None
         s = np.asarray(ev.sims)
