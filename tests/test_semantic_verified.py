@@ -11,7 +11,7 @@ import math
 import pytest
 
 from ctxcache.errors import InvalidInputError
-from ctxcache.semantic import CacheRequest, SemanticCache
+from ctxcache.semantic import CacheRequest, HnswParams, SemanticCache
 from ctxcache.semantic.verified import VerifiedThresholds, wilson_upper
 
 STORED = "How do I reverse a list in Python?"
@@ -140,3 +140,7 @@ def test_bad_configuration_is_a_typed_error(cache):
         cache.verifier.observe("t1", "code", 1, 0.9, False, propensity=0.0)
     with pytest.raises(InvalidInputError):
         SemanticCache(cache.embedder, db_url="sqlite://", verify_rate=2.0)
+    with pytest.raises(InvalidInputError):
+        HnswParams(M=0)
+    with pytest.raises(InvalidInputError):
+        HnswParams(ef=0)

@@ -16,6 +16,8 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from ctxcache.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class HnswParams:
@@ -28,6 +30,11 @@ class HnswParams:
     M: int = 16
     ef_construction: int = 100
     ef: int | None = None
+
+    def __post_init__(self):
+        if self.M < 2 or self.ef_construction < 1 or (self.ef is not None and self.ef < 1):
+            raise InvalidInputError(f"invalid HNSW parameters {self}: M >= 2, ef_construction "
+                                    ">= 1 and ef >= 1 (or None for the size-based default)")
 
     def search_ef(self, n: int) -> int:
         return self.ef if self.ef is not None else auto_ef(n)
