@@ -40,6 +40,9 @@ class Ops:
     kv_deviation_at: Callable[..., Tensor] = kv_deviation_at_ref
     rope_qkv: Callable[..., None] | None = None
     assemble_kv: Callable[..., None] | None = None
+    # decode of a batch over a paged K/V pool: (q [B,Hq,D], K, V [Hkv,slots,D], block_tables,
+    # seq_lens, block_size, scale, slot_lists=None) -> [B, Hq, D]
+    paged_decode: Callable[..., Tensor] | None = None
 
 
 def _torch_rope_shift(k: Tensor, delta: Tensor, inv_freq: Tensor) -> Tensor:
@@ -75,8 +78,30 @@ def _torch_scatter(K: Tensor, V: Tensor, index: Tensor, k_rows: Tensor, v_rows: 
     V[:, index] = v_rows
 
 
+def _torch_paged_decode(q: Tensor, K: Tensor, V: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                        block_size: int, scale: float, slot_lists: list | None = None) -> Tensor:
+    """Per sequence: gather its keys from the pages and run SDPA exactly as a contiguous
+    batch-1 decode does (so batched greedy decoding reproduces batch 1 on CPU). ``slot_lists``
+    (one index tensor per sequence, built once per step) saves re-deriving slots per layer."""
+    if slot_lists is None:
+        bs = block_size
+        slot_lists = []
+        for row, n in zip(block_tables.tolist(), seq_lens.tolist()):
+            blocks = torch.as_tensor(row[:-(-n // bs)], dtype=torch.long)
+            slot_lists.append((blocks[:, None] * bs + torch.arange(bs)).reshape(-1)[:n])
+    out = q.new_zeros(q.shape)
+    gqa = q.shape[1] != K.shape[0]
+    for b, slots in enumerate(slot_lists):
+        if slots is None or not slots.numel():
+            continue
+        k, v = K.index_select(1, slots), V.index_select(1, slots)
+        out[b] = F.scaled_dot_product_attention(q[b][None, :, None], k[None], v[None],
+                                                scale=scale, enable_gqa=gqa)[0, :, 0]
+    return out
+
+
 TORCH_OPS = Ops("torch", _torch_rope_shift, _torch_selective_attention, kv_deviation_ref,
-                _torch_scatter)
+                _torch_scatter, paged_decode=_torch_paged_decode)
 
 
 def triton_available(device: str | torch.device = "cuda") -> bool:
@@ -103,6 +128,11 @@ def get_ops(backend: str = "auto", device: str | torch.device = "cpu") -> Ops:
         raise InvalidInputError(f"unknown kernels backend {backend!r}; use torch, triton or auto")
     from ctxcache.kernels import triton_ops as t
 
+    from ctxcache.kernels.triton_paged import paged_decode_attention
+
+    def paged(q, K, V, block_tables, seq_lens, block_size, scale, slot_lists=None):
+        return paged_decode_attention(q, K, V, block_tables, seq_lens, block_size, scale)
+
     return Ops("triton", t.rope_shift, t.selective_attention, t.kv_deviation, t.scatter_kv,
                t.auto_plan, t.add_rms_norm, t.silu_mul, t.kv_deviation_at, t.rope_qkv,
-               t.assemble_kv)
+               t.assemble_kv, paged)

@@ -145,3 +145,29 @@ def grouped_attention_ref(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos:
     w = torch.softmax(torch.cat([lse_oth, temperature * lse_ctx + log_scale], -1), -1)
     w = w.nan_to_num(0.0)
     return (w[..., :1] * o_oth + w[..., 1:] * o_ctx).to(q.dtype)
+
+
+def paged_decode_attention_ref(q: Tensor, K: Tensor, V: Tensor, block_tables: Tensor,
+                               seq_lens: Tensor, block_size: int, scale: float) -> Tensor:
+    """One query per sequence over its paged K/V (decode): q [B, Hq, D]; K/V [Hkv, slots, D]
+    (one layer of a ``PagedKVPool``); block_tables [B, W] (block ids, row b's first
+    ceil(seq_lens[b] / block_size) entries valid); seq_lens [B] keys per sequence (the new
+    token's own row included). Every key of a sequence is visible to its query (the new token
+    sits after all of them). Returns [B, Hq, D]; a sequence of length 0 gets zeros."""
+    b_, hq, d = q.shape
+    g = hq // K.shape[0]
+    out = q.new_zeros(b_, hq, d)
+    lens = seq_lens.tolist()
+    tables = block_tables.tolist()
+    for b in range(b_):
+        n = int(lens[b])
+        if n <= 0:
+            continue
+        blocks = torch.as_tensor(tables[b][:-(-n // block_size)], dtype=torch.long)
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)[None]).reshape(-1)[:n]
+        slots = slots.to(K.device)
+        kk = K.index_select(1, slots).repeat_interleave(g, dim=0).float()  # [Hq, n, D]
+        vv = V.index_select(1, slots).repeat_interleave(g, dim=0).float()
+        s = torch.einsum("hd,hnd->hn", q[b].float(), kk) * scale
+        out[b] = torch.einsum("hn,hnd->hd", torch.softmax(s, -1), vv).to(q.dtype)
+    return out
