@@ -15,7 +15,8 @@ from typing import Callable, Iterator
 import xxhash
 
 from ctxcache.engine import Engine, SamplingParams
-from ctxcache.engine.generate import GenerationChunk, stream_from_kv
+from ctxcache.engine.generate import GenerationChunk
+from ctxcache.engine.scheduler import EngineRequest, ServingEngine
 from ctxcache.errors import CtxCacheError, InvalidInputError
 from ctxcache.fusion import FusionContext, Planner, Segment, default_strategies
 from ctxcache.fusion.prompts import rag_segments, rag_template  # noqa: F401 - re-exported
@@ -69,17 +70,23 @@ class Backend(ABC):
 
 class EmbeddedBackend(Backend):
     """Our engine: chat and text prompts reuse their cached prefix (exact), RAG and agent
-    prompts go through the planner's reuse strategies over the chunk KV store."""
+    prompts go through the planner's reuse strategies over the chunk KV store.
+
+    Generations run in the continuous-batching ``ServingEngine``: each request's prefill is
+    its strategy's build (on the engine thread, at admission), then it decodes in one batch
+    with every other running request."""
 
     name = "embedded"
 
     def __init__(self, engine: Engine, store: KVStore, planner: Planner | None = None,
-                 recompute_ratio: float = 0.15):
+                 recompute_ratio: float = 0.15, serving: ServingEngine | None = None,
+                 **serving_options):
         self.engine = engine
         self.store = store
         self.planner = planner or Planner(
             default_strategies(cacheblend={"recompute_ratio": recompute_ratio}),
             default="cacheblend")
+        self.serving = serving or ServingEngine(engine, **serving_options)
 
     def _segments_for_chat(self, messages: list[dict]) -> list[Segment]:
         """Split the templated conversation at message boundaries so each turn is a cacheable
@@ -104,7 +111,7 @@ class EmbeddedBackend(Backend):
 
     def generate(self, req: GenRequest) -> GenStream:
         e = self.engine
-        ctx = FusionContext(e, self.store, req.tenant, reserve_tokens=req.params.max_tokens)
+        ctx = FusionContext(e, self.store, req.tenant)  # decode runs in pool pages, no room
         if req.rag is not None:
             segs = self.rag_segments(req.rag)
             strategy = req.strategy
@@ -121,14 +128,18 @@ class EmbeddedBackend(Backend):
             raise InvalidInputError(
                 f"prompt of {n_prompt} tokens + max_tokens {req.params.max_tokens} exceeds the "
                 f"model's context of {e.spec.max_positions} tokens")
-        result = self.planner.run(ctx, segs, strategy)
-        st = result.stats
-        info = {"prompt_tokens": st.prompt_tokens, "cached_tokens": st.reused_tokens,
-                "strategy": st.strategy, "stats": st.as_dict()}
-        chunks = stream_from_kv(e, result.kv, result.logits, req.params,
-                                should_stop=req.should_stop, context_group=result.context_group,
-                                storage=result.storage)
-        return GenStream(chunks, info)
+        exact = 0
+        for s in segs:  # the leading prefix segments are computed exactly by every strategy
+            if s.role != "prefix":
+                break
+            exact += len(s.token_ids or [])
+        handle = self.serving.submit(EngineRequest(
+            lambda: self.planner.run(ctx, segs, strategy), req.params, n_prompt, exact,
+            req.should_stop))
+        return GenStream(iter(handle), handle.info)
+
+    def close(self) -> None:
+        self.serving.close()
 
     def health(self) -> bool:
         return True

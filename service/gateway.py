@@ -86,7 +86,10 @@ class Gateway:
         self.semantic = semantic if semantic is not None else self._make_semantic()
         self.keys = KeyStore(self.db)
         self.rate = RateLimiter()
-        self.gate = Gate(settings.max_concurrency, settings.max_queue, self.metrics)
+        self.gate = Gate(settings.concurrency, settings.max_queue, self.metrics)
+        serving = getattr(self.backend, "serving", None)
+        if serving is not None:
+            self.metrics.watch_engine(serving)
         self.docs = DocumentService(self.db, self.backend, self.store, settings.chunk_tokens)
         self.sessions = AgentSessions()
         self.model_names = {settings.model, "default"}
@@ -118,7 +121,10 @@ class Gateway:
                     log.exception("cost model calibration failed; reuse runs unguarded")
 
             threading.Thread(target=calibrate, name="cost-model", daemon=True).start()
-        return EmbeddedBackend(engine, self.store, planner)
+        return EmbeddedBackend(engine, self.store, planner, max_running=s.concurrency,
+                               max_prefill_tokens=s.max_prefill_tokens, kv_bytes=s.kv_pool_bytes,
+                               kv_fraction=s.kv_pool_fraction, block_size=s.kv_block_size,
+                               cuda_graphs=s.cuda_graphs)
 
     def _make_semantic(self):
         if not self.settings.semantic_cache:
@@ -137,6 +143,9 @@ class Gateway:
         return sem
 
     def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
         if self.semantic is not None:
             self.semantic.close()
         if self.store is not None:

@@ -33,3 +33,30 @@ class Metrics:
             ["op"], registry=r)
         self.rejected = Counter("ctxcache_rejected_total", "Requests refused (429/503)",
                                 ["reason"], registry=r)
+
+    def watch_engine(self, serving) -> None:
+        """Scheduler gauges, read from the serving engine at scrape time."""
+        r = self.registry
+
+        def gauge(name: str, doc: str, fn) -> None:
+            Gauge(name, doc, registry=r).set_function(fn)
+
+        snap = serving.snapshot
+        gauge("ctxcache_engine_running", "Sequences in the running batch",
+              lambda: len(serving.running))
+        gauge("ctxcache_engine_waiting", "Requests waiting for admission to the batch",
+              lambda: len(serving.waiting) + len(serving._inbox))
+        gauge("ctxcache_engine_swapped", "Sequences preempted to host memory",
+              lambda: len(serving.swapped))
+        gauge("ctxcache_engine_kv_pool_usage", "Share of K/V pool blocks in use",
+              lambda: serving.pool.stats().usage)
+        gauge("ctxcache_engine_kv_pool_blocks_used", "K/V pool blocks in use",
+              lambda: serving.pool.stats().used)
+        gauge("ctxcache_engine_kv_pool_blocks_total", "K/V pool blocks",
+              lambda: serving.pool.num_blocks - 1)
+        gauge("ctxcache_engine_mean_batch_size", "Mean running batch size per engine step",
+              lambda: snap()["mean_batch"])
+        gauge("ctxcache_engine_tokens_per_second", "Generated tokens per second (last 10 s)",
+              lambda: snap()["tokens_per_s_10s"])
+        gauge("ctxcache_engine_preemptions", "Sequences swapped out so far",
+              lambda: serving.stats["preemptions"])

@@ -56,10 +56,23 @@ class Settings(BaseSettings):
     admin_key: str | None = None
     default_rate_limit_per_min: int = 600
 
-    max_concurrency: int = 1  # generations at once (the embedded engine runs one forward at a time)
+    # generations decoding at once in one batch (the serving engine's running-sequence limit);
+    # default: 16 on CPU, 64 on CUDA
+    max_concurrency: int | None = Field(None, ge=1, le=1024)
+    max_prefill_tokens: int = Field(8192, ge=1)  # new prompt tokens per engine step
+    kv_pool_bytes: int | None = Field(None, ge=1)  # paged K/V pool of running sequences
+    kv_pool_fraction: float = Field(0.4, gt=0.0, lt=1.0)  # of free GPU memory, if no bytes
+    kv_block_size: int = Field(16, ge=1, le=1024)
+    cuda_graphs: bool = True  # decode steps replayed as CUDA graphs per batch-size bucket
     max_queue: int = 32  # waiting requests beyond which the gateway answers 429
     max_tokens_limit: int = 2048
     request_timeout_s: float = 300.0
+
+    @property
+    def concurrency(self) -> int:
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        return 64 if self.device.startswith("cuda") else 16
 
     @classmethod
     def load(cls, **overrides) -> "Settings":

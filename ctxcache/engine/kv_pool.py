@@ -71,8 +71,11 @@ class PagedKVPool:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_layers, num_kv_heads, num_blocks * block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        # uninitialised: on the host, pages are committed only when first written
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.k[:, :, :block_size].zero_()  # the scratch page padding rows read and write
+        self.v[:, :, :block_size].zero_()
         self.bytes_per_block = 2 * num_layers * num_kv_heads * block_size * head_dim * \
             self.k.element_size()
         self._free: deque[int] = deque(range(1, num_blocks))
@@ -86,7 +89,7 @@ class PagedKVPool:
     def for_engine(cls, engine, *, bytes_: int | None = None, fraction: float = 0.5,
                    block_size: int = 16, max_blocks: int | None = None) -> "PagedKVPool":
         """Size the pool from a byte budget, or on CUDA from ``fraction`` of the memory free
-        now (after the weights); on CPU without a budget, room for 64K tokens."""
+        now (after the weights); on CPU without a budget, room for 32K tokens."""
         s = engine.spec
         per_block = 2 * s.num_layers * s.num_kv_heads * block_size * s.head_dim * \
             torch.empty((), dtype=engine.dtype).element_size()
@@ -95,7 +98,7 @@ class PagedKVPool:
                 free, _ = torch.cuda.mem_get_info(engine.device)
                 bytes_ = int(free * fraction)
             else:
-                bytes_ = per_block * (65536 // block_size)
+                bytes_ = per_block * (32768 // block_size)
         n = max(2, bytes_ // per_block)
         if max_blocks is not None:
             n = min(n, max_blocks)

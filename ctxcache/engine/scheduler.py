@@ -144,7 +144,10 @@ class ServingEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "decode_tokens": 0, "prefills": 0, "preemptions": 0,
-                      "cancelled": 0, "batch_size_sum": 0}
+                      "cancelled": 0, "batch_size_sum": 0,
+                      # pages in use vs pages the running sequences map (their difference is
+                      # what sharing saves), at the step where each peaked
+                      "peak_blocks_used": 0, "peak_blocks_mapped": 0}
         self._t_tokens: deque = deque(maxlen=4096)  # (time, n) for tokens/s
 
     # ------------------------------------------------------------------ public API
@@ -222,8 +225,12 @@ class ServingEngine:
         self._admit()
         if self.running:
             self._decode()
-        self.stats["steps"] += 1
-        self.stats["batch_size_sum"] += len(self.running)
+        st = self.stats
+        st["steps"] += 1
+        st["batch_size_sum"] += len(self.running)
+        st["peak_blocks_used"] = max(st["peak_blocks_used"], self.pool.stats().used)
+        st["peak_blocks_mapped"] = max(st["peak_blocks_mapped"],
+                                       sum(len(s.blocks) for s in self.running))
 
     # ------------------------------------------------------------------ steps
     @staticmethod
