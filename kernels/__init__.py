@@ -79,10 +79,12 @@ def _torch_scatter(K: Tensor, V: Tensor, index: Tensor, k_rows: Tensor, v_rows: 
 
 
 def _torch_paged_decode(q: Tensor, K: Tensor, V: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                        block_size: int, scale: float, slot_lists: list | None = None) -> Tensor:
+                        block_size: int, scale: float, slot_lists: list | None = None,
+                        groups=None) -> Tensor:
     """Per sequence: gather its keys from the pages and run SDPA exactly as a contiguous
     batch-1 decode does (so batched greedy decoding reproduces batch 1 on CPU). ``slot_lists``
-    (one index tensor per sequence, built once per step) saves re-deriving slots per layer."""
+    (one index tensor per sequence, built once per step) saves re-deriving slots per layer.
+    APE's ``groups`` are left to the caller on this path (the runner's per-row override)."""
     if slot_lists is None:
         bs = block_size
         slot_lists = []
@@ -130,8 +132,9 @@ def get_ops(backend: str = "auto", device: str | torch.device = "cpu") -> Ops:
 
     from ctxcache.kernels.triton_paged import paged_decode_attention
 
-    def paged(q, K, V, block_tables, seq_lens, block_size, scale, slot_lists=None):
-        return paged_decode_attention(q, K, V, block_tables, seq_lens, block_size, scale)
+    def paged(q, K, V, block_tables, seq_lens, block_size, scale, slot_lists=None, groups=None):
+        return paged_decode_attention(q, K, V, block_tables, seq_lens, block_size, scale,
+                                      groups=groups)
 
     return Ops("triton", t.rope_shift, t.selective_attention, t.kv_deviation, t.scatter_kv,
                t.auto_plan, t.add_rms_norm, t.silu_mul, t.kv_deviation_at, t.rope_qkv,

@@ -148,7 +148,8 @@ def grouped_attention_ref(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos:
 
 
 def paged_decode_attention_ref(q: Tensor, K: Tensor, V: Tensor, block_tables: Tensor,
-                               seq_lens: Tensor, block_size: int, scale: float) -> Tensor:
+                               seq_lens: Tensor, block_size: int, scale: float,
+                               groups: tuple | None = None) -> Tensor:
     """One query per sequence over its paged K/V (decode): q [B, Hq, D]; K/V [Hkv, slots, D]
     (one layer of a ``PagedKVPool``); block_tables [B, W] (block ids, row b's first
     ceil(seq_lens[b] / block_size) entries valid); seq_lens [B] keys per sequence (the new
@@ -167,6 +168,13 @@ def paged_decode_attention_ref(q: Tensor, K: Tensor, V: Tensor, block_tables: Te
         slots = (blocks[:, None] * block_size + torch.arange(block_size)[None]).reshape(-1)[:n]
         slots = slots.to(K.device)
         kk = K.index_select(1, slots).repeat_interleave(g, dim=0).float()  # [Hq, n, D]
+        if groups is not None and int(groups[0][b]) < int(groups[1][b]):
+            kp = torch.arange(n, device=K.device)
+            out[b] = grouped_attention_ref(
+                q[b][:, None], K.index_select(1, slots), V.index_select(1, slots),
+                kp[-1:], kp, scale, int(groups[0][b]), int(groups[1][b]),
+                float(groups[2][b]), float(groups[3][b]))[:, 0]
+            continue
         vv = V.index_select(1, slots).repeat_interleave(g, dim=0).float()
         s = torch.einsum("hd,hnd->hn", q[b].float(), kk) * scale
         out[b] = torch.einsum("hn,hnd->hd", torch.softmax(s, -1), vv).to(q.dtype)

@@ -51,13 +51,19 @@ def _split_attn_kernel(Q, K, V, OP, LP, qpos, kpos, kv_hi, SLO, SHI, SSCALE, Tq,
 
 @triton.jit
 def _combine_kernel(OP, LP, SGRP, O, n_rows, S, sot, soh, Hq, temperature, log_scale,
-                    HAS_GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                    PER_QUERY: tl.constexpr = False):
     # Rows are (query, head) pairs. Splits of group 0 (or all) merge by log-sum-exp; with
     # HAS_GROUP, group-1 splits (APE's contexts) merge apart and the two terms combine as
-    # softmax([LSE_other, T·LSE_ctx + log S]) in the natural-log domain.
+    # softmax([LSE_other, T·LSE_ctx + log S]) in the natural-log domain. With PER_QUERY,
+    # ``temperature`` and ``log_scale`` are arrays indexed by query (paged decode: one
+    # sequence per query, each with its own APE adjustment or none).
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rm = r < n_rows
     offs_d = tl.arange(0, D)
+    if PER_QUERY:
+        temperature = tl.load(temperature + r // Hq, mask=rm, other=1.0)
+        log_scale = tl.load(log_scale + r // Hq, mask=rm, other=0.0)
     ln2 = 0.6931471805599453
     m0 = tl.full([BLOCK], float("-inf"), tl.float32)
     m1 = tl.full([BLOCK], float("-inf"), tl.float32)

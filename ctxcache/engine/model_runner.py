@@ -11,12 +11,15 @@ On CUDA the loop is captured once per batch-size bucket as a CUDA graph and repl
 step is then a handful of host→device copies and one graph launch, not ~10 launches per layer.
 Padding rows of a bucket write to the pool's scratch page and attend to nothing.
 
-APE sequences keep their contexts' attention adjustment during decode: their rows are
-recomputed by the two-group attention over their gathered keys (eager path, no graph) — a
-slower path for a rare strategy, kept exact rather than approximated.
+APE sequences keep their contexts' attention adjustment during decode: the paged kernel
+takes each sequence's context range, temperature and scale (a batch mixing APE and other
+sequences runs one launch; graphs are captured apart for batches with and without APE rows).
+On the torch ops (CPU) APE rows run the reference two-group attention over gathered keys.
 """
 
 from __future__ import annotations
+
+import math
 
 from dataclasses import dataclass
 
@@ -57,10 +60,16 @@ class ModelRunner:
         self._slots = torch.zeros(n, dtype=torch.int32, device=dev)
         self._lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self._tables = torch.zeros(n, self.width, dtype=torch.int32, device=dev)
+        # APE: per-row context [start, end), temperature, log scale (start = end: none)
+        self._cs = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._ce = torch.zeros(n, dtype=torch.int32, device=dev)
+        self._temp = torch.ones(n, dtype=torch.float32, device=dev)
+        self._logs = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._static = {"ids": self._ids, "pos": self._pos, "slots": self._slots,
+                        "lens": self._lens, "tables": self._tables, "cs": self._cs,
+                        "ce": self._ce, "temp": self._temp, "logs": self._logs}
         self._host_t = {k: torch.zeros_like(t, device="cpu", pin_memory=self.cuda)
-                        for k, t in (("ids", self._ids), ("pos", self._pos),
-                                     ("slots", self._slots), ("lens", self._lens),
-                                     ("tables", self._tables))}
+                        for k, t in self._static.items()}
         self._host = {k: t.numpy() for k, t in self._host_t.items()}
         self._graphs: dict[int, tuple] = {}
         self._mempool = None
@@ -75,7 +84,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ the forward
     def _forward(self, ids: Tensor, pos: Tensor, slots: Tensor, tables: Tensor, lens: Tensor,
-                 slot_lists=None, grouped: list | None = None) -> Tensor:
+                 groups: tuple | None = None, slot_lists=None,
+                 grouped: list | None = None) -> Tensor:
         e, pool = self.engine, self.pool
         b = ids.shape[0]
         pos32 = pos.to(torch.int32)
@@ -86,7 +96,7 @@ class ModelRunner:
             q, _, _ = e.rope_rows(qkv, pos, pos32, pool.k[i], pool.v[i], slots)
             qb = q.transpose(0, 1)  # [B, Hq, D]
             a = e.ops.paged_decode(qb, pool.k[i], pool.v[i], tables, lens, pool.block_size,
-                                   e.scaling, slot_lists)
+                                   e.scaling, slot_lists, groups)
             a = a.reshape(b, -1)
             for r, idx, kpos, group in grouped or ():
                 a[r] = e.attend_grouped(q[:, r:r + 1], pool.k[i].index_select(1, idx),
@@ -95,7 +105,7 @@ class ModelRunner:
             resid = e.layer_out(i, h, a)
         return e.lm_head(e.final_hidden(h, resid)).float()
 
-    def _fill(self, rows: list[DecodeRow], n: int) -> None:
+    def _fill(self, rows: list[DecodeRow], n: int, groups: bool) -> None:
         """Host → static input buffers: rows are written into persistent (pinned, on CUDA)
         host mirrors and copied in one transfer each. Reusing the host buffers is safe because
         every step ends by reading its sampled tokens back, after which its copies are done."""
@@ -105,49 +115,58 @@ class ModelRunner:
             hs["ids"][j], hs["pos"][j], hs["slots"][j], hs["lens"][j] = (
                 r.token, r.position, r.slot, r.n_keys)
             hs["tables"][j, :len(r.blocks)] = r.blocks
-        for k in ("ids", "pos", "slots", "lens"):  # padding rows: scratch slot 0, no keys
-            hs[k][b:n] = 0
-        for k, dst in (("ids", self._ids), ("pos", self._pos), ("slots", self._slots),
-                       ("lens", self._lens), ("tables", self._tables)):
-            dst[:n].copy_(self._host_t[k][:n], non_blocking=self.cuda)
+            if groups:
+                g = r.group
+                hs["cs"][j], hs["ce"][j] = (g.start, g.end) if g is not None else (0, 0)
+                hs["temp"][j] = g.temperature if g is not None else 1.0
+                hs["logs"][j] = math.log(g.scale) if g is not None else 0.0
+        for k in ("ids", "pos", "slots", "lens", "cs", "ce", "logs"):
+            hs[k][b:n] = 0  # padding rows: scratch slot 0, no keys
+        hs["temp"][b:n] = 1.0
+        keys = list(self._static) if groups else ["ids", "pos", "slots", "lens", "tables"]
+        for k in keys:
+            self._static[k][:n].copy_(self._host_t[k][:n], non_blocking=self.cuda)
+
+    def _args(self, n: int, groups: bool) -> tuple:
+        g = (self._cs[:n], self._ce[:n], self._temp[:n], self._logs[:n]) if groups else None
+        return (self._ids[:n], self._pos[:n], self._slots[:n], self._tables[:n], self._lens[:n],
+                g)
 
     @torch.inference_mode()
     def decode(self, rows: list[DecodeRow]) -> Tensor:
         """Logits [B, vocab] (float32) of each row's next token; writes each row's K/V."""
         b = len(rows)
-        grouped_rows = [r for r in rows if r.group is not None]
-        if self.graphs_on and not grouped_rows and b <= self.max_batch:
+        has_group = any(r.group is not None for r in rows)
+        triton = self.engine.ops.name == "triton"
+        if self.graphs_on and b <= self.max_batch:
             n = self._bucket(b)
-            self._fill(rows, n)
+            self._fill(rows, n, has_group)
             with self.engine.lock:
-                g = self._graphs.get(n) or self._capture(n)
+                g = self._graphs.get((n, has_group)) or self._capture(n, has_group)
                 g[0].replay()
             self.graph_replays += 1
             return g[1][:b]
-        self._fill(rows, b)
-        slot_lists = None
-        if self.engine.ops.name != "triton":
-            bs = self.pool.block_size
-            slot_lists = []
-            for r in rows:
-                blk = torch.as_tensor(r.blocks[:-(-r.n_keys // bs)], dtype=torch.long)
-                slot_lists.append((blk[:, None] * bs + torch.arange(bs)).reshape(-1)[:r.n_keys]
-                                  .to(self.engine.device))
-        grouped = []
+        self._fill(rows, b, has_group and triton)
+        if triton:
+            with self.engine.lock:
+                return self._forward(*self._args(b, has_group))
+        bs = self.pool.block_size
+        dev = self.engine.device
+        slot_lists, grouped = [], []
         for j, r in enumerate(rows):
+            blk = torch.as_tensor(r.blocks[:-(-r.n_keys // bs)], dtype=torch.long)
+            idx = (blk[:, None] * bs + torch.arange(bs)).reshape(-1)[:r.n_keys].to(dev)
+            slot_lists.append(idx)
             if r.group is not None:
-                idx = torch.as_tensor(self.pool.slots(r.blocks, 0, r.n_keys), dtype=torch.long,
-                                      device=self.engine.device)
-                kpos = torch.as_tensor(r.key_pos, dtype=torch.long, device=self.engine.device)
+                kpos = torch.as_tensor(r.key_pos, dtype=torch.long, device=dev)
                 grouped.append((j, idx, kpos, r.group))
         with self.engine.lock:
-            return self._forward(self._ids[:b], self._pos[:b], self._slots[:b], self._tables[:b],
-                                 self._lens[:b], slot_lists, grouped)
+            return self._forward(*self._args(b, False), slot_lists, grouped)
 
-    def _capture(self, n: int) -> tuple:
+    def _capture(self, n: int, groups: bool) -> tuple:
         """Warm up, then capture the decode loop for bucket ``n`` (inputs are the static
-        buffers' first ``n`` rows)."""
-        args = (self._ids[:n], self._pos[:n], self._slots[:n], self._tables[:n], self._lens[:n])
+        buffers' first ``n`` rows), with or without APE's per-row context groups."""
+        args = self._args(n, groups)
         s = torch.cuda.Stream(self.engine.device)
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -159,9 +178,9 @@ class ModelRunner:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._mempool):
             out = self._forward(*args)
-        self._graphs[n] = (g, out)
-        return self._graphs[n]
+        self._graphs[(n, groups)] = (g, out)
+        return self._graphs[(n, groups)]
 
     def describe(self) -> dict:
-        return {"cuda_graphs": self.graphs_on, "captured_buckets": sorted(self._graphs),
+        return {"cuda_graphs": self.graphs_on, "captured_buckets": sorted(n for n, _ in self._graphs),
                 "graph_replays": self.graph_replays}
