@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ctxcache.kernels.triton_splitk import _combine_kernel, _sm_count
+from ctxcache.kernels.triton_splitk import _combine_kernel, _sm_count, _store_partial
 
 
 @triton.jit
@@ -86,12 +86,8 @@ def _paged_decode_kernel(Q, K, V, OP, LP, TABLES, LENS, CS, CE, TEMP, scale, B, 
                     mask=nmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     base = (sid * B + b).to(tl.int64) * Hq + qh  # partials are [S, B, Hq, (D)]
-    tl.store(OP + base[:, None] * D + offs_d[None, :], out, mask=rmask[:, None])
-    tl.store(LP + base, lse, mask=rmask)
+    _store_partial(OP, LP, base, acc, l_i, m_i, rmask, D)
 
 
 _GROUPS: dict = {}

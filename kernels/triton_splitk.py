@@ -26,7 +26,6 @@ def _split_attn_kernel(Q, K, V, OP, LP, qpos, kpos, kv_hi, SLO, SHI, SSCALE, Tq,
     kvh = tl.program_id(1)
     sid = tl.program_id(2)
     qi, qh, mmask, q, qp = _query_tile(Q, qpos, pid_m, kvh, Tq, sqh, sqt, GROUP, D, BLOCK_M)
-    offs_d = tl.arange(0, D)
     lo = tl.load(SLO + sid)
     hi = tl.minimum(tl.load(SHI + sid), tl.load(kv_hi + pid_m))
     qk_scale = tl.load(SSCALE + sid) * 1.4426950408889634
@@ -41,12 +40,20 @@ def _split_attn_kernel(Q, K, V, OP, LP, qpos, kpos, kv_hi, SLO, SHI, SSCALE, Tq,
         for start_n in range(0, TK_CONST, BLOCK_N):
             m_i, l_i, acc = _attn_block(start_n, q, qp, m_i, l_i, acc, K, V, kpos, kpos, lo, hi,
                                         kvh, skh, skt, svh, svt, qk_scale, False, D, BLOCK_N)
+    base = (sid * Tq + qi).to(tl.int64) * Hq + qh  # partials are [S, Tq, Hq, (D)]
+    _store_partial(OP, LP, base, acc, l_i, m_i, mmask, D)
+
+
+@triton.jit
+def _store_partial(OP, LP, base, acc, l_i, m_i, mask, D: tl.constexpr):
+    """A split's normalised partial output and its log2-sum-exp (-inf where it saw no key),
+    at rows ``base`` of the [splits, queries, heads] partials the combine kernel reads."""
+    offs_d = tl.arange(0, D)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    base = (sid * Tq + qi).to(tl.int64) * Hq + qh  # partials are [S, Tq, Hq, (D)]
-    tl.store(OP + base[:, None] * D + offs_d[None, :], out, mask=mmask[:, None])
-    tl.store(LP + base, lse, mask=mmask)
+    tl.store(OP + base[:, None] * D + offs_d[None, :], out, mask=mask[:, None])
+    tl.store(LP + base, lse, mask=mask)
 
 
 @triton.jit

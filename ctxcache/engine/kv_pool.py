@@ -172,9 +172,6 @@ class PagedKVPool:
             else:
                 self._free.append(b)
 
-    def is_shared(self, block: int) -> bool:
-        return self._ref[block] > 1 or block in self._hash_of
-
     # ------------------------------------------------------------------ data movement
     def slots(self, blocks: list[int], start: int, end: int) -> list[int]:
         """Slot indices of token positions [start, end) of a sequence with block table
@@ -196,8 +193,3 @@ class PagedKVPool:
         """A sequence's first ``n`` K/V rows as contiguous [L, Hkv, n, D] tensors."""
         idx = torch.as_tensor(self.slots(blocks, 0, n), dtype=torch.long).to(self.k.device)
         return self.k.index_select(2, idx), self.v.index_select(2, idx)
-
-    def copy_block(self, src: int, dst: int) -> None:
-        bs = self.block_size
-        self.k[:, :, dst * bs:(dst + 1) * bs] = self.k[:, :, src * bs:(src + 1) * bs]
-        self.v[:, :, dst * bs:(dst + 1) * bs] = self.v[:, :, src * bs:(src + 1) * bs]
