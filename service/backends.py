@@ -21,6 +21,8 @@ from ctxcache.errors import CtxCacheError, InvalidInputError
 from ctxcache.fusion import FusionContext, Planner, Segment, default_strategies
 from ctxcache.fusion.prompts import rag_segments, rag_template  # noqa: F401 - re-exported
 from ctxcache.kv.store import KVStore
+from ctxcache.structured import (ToolSpec, ToolStreamFilter, response_constraint,
+                                 template_messages)
 
 
 class BackendUnavailableError(CtxCacheError):
@@ -44,6 +46,9 @@ class GenRequest:
     rag: RagPrompt | None = None
     strategy: str | None = None
     should_stop: Callable[[], bool] | None = None
+    tools: ToolSpec | None = None  # OpenAI tools / tool_choice / parallel_tool_calls
+    schema: dict | bool | None = None  # response_format's JSON schema (None: plain text)
+    constraint: object = None  # its grammar constraint, made by ``Backend.check``
 
 
 @dataclass
@@ -57,6 +62,10 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, req: GenRequest) -> GenStream: ...
+
+    def check(self, req: GenRequest) -> None:
+        """Refuse what this backend cannot do before anything is sent to the client (so a
+        streamed request still gets a 400, not an error event)."""
 
     @abstractmethod
     def health(self) -> bool: ...
@@ -88,14 +97,15 @@ class EmbeddedBackend(Backend):
             default="cacheblend")
         self.serving = serving or ServingEngine(engine, **serving_options)
 
-    def _segments_for_chat(self, messages: list[dict]) -> list[Segment]:
+    def _segments_for_chat(self, messages: list[dict], tools: list[dict] | None = None
+                           ) -> list[Segment]:
         """Split the templated conversation at message boundaries so each turn is a cacheable
         segment (prefix reuse then skips the whole shared history)."""
         e = self.engine
-        full = e.chat_ids(messages)
+        full = e.chat_ids(messages, tools=tools)
         cuts = []
         for i in range(1, len(messages)):
-            part = e.chat_ids(messages[:i], add_generation_prompt=False)
+            part = e.chat_ids(messages[:i], add_generation_prompt=False, tools=tools)
             if len(part) < len(full) and full[: len(part)] == part:
                 cuts.append(len(part))
         segs, prev = [], 0
@@ -116,7 +126,8 @@ class EmbeddedBackend(Backend):
             segs = self.rag_segments(req.rag)
             strategy = req.strategy
         elif req.messages is not None:
-            segs = self._segments_for_chat(req.messages)
+            segs = self._segments_for_chat(template_messages(req.messages),
+                                           req.tools.rendered() if req.tools else None)
             strategy = "prefix"
         elif req.text is not None:
             segs = [Segment.chunk(e.encode(req.text))]
@@ -133,10 +144,45 @@ class EmbeddedBackend(Backend):
             if s.role != "prefix":
                 break
             exact += len(s.token_ids or [])
+        constraint = req.constraint if req.constraint is not None else self._constraint(req)
         handle = self.serving.submit(EngineRequest(
             lambda: self.planner.run(ctx, segs, strategy), req.params, n_prompt, exact,
-            req.should_stop))
-        return GenStream(iter(handle), handle.info)
+            req.should_stop, constraint))
+        if req.tools is None or req.tools.choice == "none":
+            return GenStream(iter(handle), handle.info)
+        return GenStream(self._tool_chunks(iter(handle), req.tools, handle.info), handle.info)
+
+    def check(self, req: GenRequest) -> None:
+        req.constraint = self._constraint(req)
+
+    def _constraint(self, req: GenRequest):
+        e = self.engine
+        if req.tools is not None and req.tools.choice != "none":
+            if req.messages is None:
+                raise InvalidInputError("tools are only supported with chat messages")
+            if req.schema is not None and req.tools.choice == "auto":
+                raise InvalidInputError("response_format together with tools and tool_choice "
+                                        "'auto' is not supported: pick one")
+            e.tool_format.check()
+            return e.tool_format.constraint(e.grammar, req.tools)
+        if req.schema is not None:
+            return response_constraint(e.grammar, req.schema)
+        return None
+
+    def _tool_chunks(self, chunks, spec: ToolSpec, info: dict):
+        """Stream the answer's content; its tool calls, parsed at the end, go to
+        ``info["tool_calls"]`` and the finish reason becomes ``tool_calls``."""
+        filt = ToolStreamFilter(self.engine.tool_format, spec)
+        for ch in chunks:
+            text = filt.push(ch.text)
+            if not ch.finish_reason:
+                yield GenerationChunk(text, ch.token_id)
+                continue
+            rest, calls = filt.finish()
+            info["tool_calls"] = [c.openai(i) for i, c in enumerate(calls)]
+            reason = "tool_calls" if calls and ch.finish_reason == "stop" else ch.finish_reason
+            yield GenerationChunk(text + rest, ch.token_id, reason)
+            return
 
     def close(self) -> None:
         self.serving.close()
@@ -221,9 +267,16 @@ class SGLangBackend(Backend):
         except self._httpx.HTTPError as e:
             raise BackendUnavailableError(f"SGLang at {self.url} unreachable: {e}") from e
 
+    def check(self, req: GenRequest) -> None:
+        if req.tools is not None and req.messages is None and req.tools.choice != "none":
+            raise InvalidInputError("tools are only supported with chat messages")
+
     def _generate_text(self, text: str, req: GenRequest) -> GenStream:
         info: dict = {"strategy": "sglang"}
-        payload = {"text": text, "sampling_params": self._sampling(req.params), "stream": True}
+        sp = self._sampling(req.params)
+        if req.schema is not None:  # SGLang's /generate takes the schema as a JSON string
+            sp["json_schema"] = json.dumps(req.schema)
+        payload = {"text": text, "sampling_params": sp, "stream": True}
 
         def chunks() -> Iterator[GenerationChunk]:
             seen = ""
@@ -249,6 +302,18 @@ class SGLangBackend(Backend):
                    "stream_options": {"include_usage": True}}
         if p.stop:
             payload["stop"] = list(p.stop)
+        if p.seed is not None:
+            payload["seed"] = p.seed
+        if req.schema is not None:
+            payload["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "response", "schema": req.schema, "strict": True}}
+        if req.tools is not None:  # SGLang parses the model's tool calls itself
+            t = req.tools
+            payload["tools"] = t.tools
+            payload["tool_choice"] = ({"type": "function", "function": {"name": t.name}}
+                                      if t.choice == "named" else t.choice)
+            payload["parallel_tool_calls"] = t.parallel
+        calls: dict[int, dict] = {}
 
         def chunks() -> Iterator[GenerationChunk]:
             for ev in self._sse("/v1/chat/completions", payload):
@@ -261,8 +326,19 @@ class SGLangBackend(Backend):
                     info["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get(
                         "cached_tokens", 0)
                 for ch in ev.get("choices", []):
-                    delta = (ch.get("delta") or {}).get("content") or ""
-                    yield GenerationChunk(delta, None, ch.get("finish_reason"))
+                    d = ch.get("delta") or {}
+                    for tc in d.get("tool_calls") or []:  # streamed as deltas: accumulate
+                        c = calls.setdefault(tc.get("index", len(calls)), {
+                            "id": tc.get("id"), "type": "function",
+                            "function": {"name": "", "arguments": ""}})
+                        fn = tc.get("function") or {}
+                        c["id"] = tc.get("id") or c["id"]
+                        c["function"]["name"] += fn.get("name") or ""
+                        c["function"]["arguments"] += fn.get("arguments") or ""
+                    if calls:
+                        info["tool_calls"] = [dict(calls[i], index=n)
+                                              for n, i in enumerate(sorted(calls))]
+                    yield GenerationChunk(d.get("content") or "", None, ch.get("finish_reason"))
         return GenStream(chunks(), info)
 
     def health(self) -> bool:

@@ -251,6 +251,11 @@ def miss_meta(base: dict, info: dict) -> dict:
 async def serve(gw: Gateway, request: Request, req: GenRequest, call: Call, *,
                 stream: bool):
     """Answer ``req``: from a semantic hit, or by generating (streamed or not)."""
+    try:
+        await asyncio.to_thread(gw.backend.check, req)
+    except InvalidInputError as e:
+        raise APIError(400, str(e), code="invalid_value",
+                       param="tools" if req.tools is not None else "response_format") from None
     hit, res = await asyncio.to_thread(lookup, gw, call)
     if hit is not None and not serves(hit, req.params):
         hit = None
@@ -276,8 +281,8 @@ async def serve(gw: Gateway, request: Request, req: GenRequest, call: Call, *,
         text, finish, n, info = await collect(events)
         u = account(gw, info, n)
         await asyncio.to_thread(done, text, finish, u)
-        return JSONResponse(body(call, ids, text, finish, u, miss_meta(base, info)),
-                            headers=headers)
+        return JSONResponse(body(call, ids, text, finish, u, miss_meta(base, info),
+                                 info.get("tool_calls")), headers=headers)
 
     async def gen_stream():
         parts, finish, n = [], "length", 0
@@ -286,6 +291,9 @@ async def serve(gw: Gateway, request: Request, req: GenRequest, call: Call, *,
         async for ev in events:
             if "done" in ev:
                 u = account(gw, ev["done"], n)
+                if ev["done"].get("tool_calls"):
+                    yield sse(chunk(call, ids, None, None,
+                                    tool_calls=ev["done"]["tool_calls"]))
                 yield sse(chunk(call, ids, None, finish, u, miss_meta(base, ev["done"])))
                 yield "data: [DONE]\n\n"
                 await asyncio.to_thread(done, "".join(parts), finish, u)
@@ -335,7 +343,8 @@ class Ids:
         self.created = int(time.time())
 
 
-def body(call: Call, ids: Ids, text: str, finish: str, u: dict, meta: dict) -> dict:
+def body(call: Call, ids: Ids, text: str, finish: str, u: dict, meta: dict,
+         tool_calls: list[dict] | None = None) -> dict:
     if call.shape == "agent":
         return {"session": call.extra.get("session"), "agent": call.extra.get("agent"),
                 "content": text, "finish_reason": finish, "usage": u,
@@ -346,8 +355,12 @@ def body(call: Call, ids: Ids, text: str, finish: str, u: dict, meta: dict) -> d
                 "model": call.model, "answer": text, "finish_reason": finish, "usage": u,
                 "ctxcache": meta}
     if call.shape == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": finish, "logprobs": None}
+        msg = {"role": "assistant", "content": text}
+        if tool_calls:
+            msg["content"] = text or None
+            msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"}
+                                 for c in tool_calls]
+        choice = {"index": 0, "message": msg, "finish_reason": finish, "logprobs": None}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
@@ -357,9 +370,11 @@ def body(call: Call, ids: Ids, text: str, finish: str, u: dict, meta: dict) -> d
 
 
 def chunk(call: Call, ids: Ids, delta: str | None, finish: str | None, u=None,
-          meta=None) -> dict:
+          meta=None, tool_calls: list[dict] | None = None) -> dict:
     if call.shape == "chat":
         d = {} if delta is None else {"role": "assistant", "content": delta}
+        if tool_calls:
+            d = {"role": "assistant", "tool_calls": tool_calls}
         c = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
         o = "chat.completion.chunk"
     else:

@@ -43,6 +43,11 @@ class _Loose(_Checked):
 class ChatMessage(_Loose):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = Field(None, max_length=64,
+                                          description="an assistant turn's tool calls")
+    tool_call_id: str | None = Field(None, max_length=256,
+                                     description="the call a tool message answers")
+    name: str | None = Field(None, max_length=256)
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
@@ -71,10 +76,45 @@ class SamplingFields(_Loose):
         return v
 
 
+# OpenAI request fields that carry no instruction for the generation itself: accepted as they
+# are. Any other field we do not implement is refused with a 400 naming it when it asks for
+# something (``NOT_DEFAULT``), so no field is silently ignored.
+METADATA_FIELDS = {"user", "metadata", "service_tier", "store", "safety_identifier",
+                   "prompt_cache_key"}
+NOT_DEFAULT = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
+               "logit_bias": (None, {}), "logprobs": (False, None), "top_logprobs": (None, 0),
+               "functions": (None, []), "function_call": (None, "none", "auto"),
+               "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+               "reasoning_effort": (None,), "web_search_options": (None,),
+               "verbosity": (None,), "suffix": (None, ""), "best_of": (None, 1)}
+
+
+def refuse_unsupported(extra: dict | None) -> None:
+    for k, v in (extra or {}).items():
+        if k in METADATA_FIELDS:
+            if k == "store" and v:
+                raise ValueError("store=true is not supported (ctxcache does not keep "
+                                 "completions for later retrieval)")
+            continue
+        if k in NOT_DEFAULT:
+            if any(v == d and type(v) is type(d) or (v is None and d is None)
+                   for d in NOT_DEFAULT[k]):
+                continue
+            raise ValueError(f"'{k}' is not supported by this server")
+        raise ValueError(f"unknown field '{k}'")
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[dict] | None = None
+    tools: list[dict] | None = Field(None, max_length=128)
+    tool_choice: str | dict | None = Field(
+        None, description="'auto' (default with tools), 'none', 'required' or "
+                          "{'type': 'function', 'function': {'name': ...}}")
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = Field(
+        None, description="{'type': 'text' | 'json_object' | 'json_schema', ...}: the answer "
+                          "is constrained by a grammar to valid JSON (of the schema)")
     stream_options: dict | None = None
     # ctxcache extensions (ignored by other servers)
     cache: bool = True
@@ -86,6 +126,11 @@ class ChatCompletionRequest(SamplingFields):
                                 description="passages to answer from (cached as chunks)")
     strategy: str | None = Field(None, description="reuse strategy for documents/passages")
 
+    @model_validator(mode="after")
+    def _no_ignored_fields(self):
+        refuse_unsupported(self.model_extra)
+        return self
+
 
 class CompletionRequest(SamplingFields):
     model: str
@@ -93,6 +138,14 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     cache: bool = True
     category: str | None = None
+    stream_options: dict | None = None
+
+    @model_validator(mode="after")
+    def _no_ignored_fields(self):
+        if self.echo:
+            raise ValueError("echo=true is not supported")
+        refuse_unsupported(self.model_extra)
+        return self
 
     @field_validator("prompt")
     @classmethod

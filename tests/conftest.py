@@ -33,3 +33,14 @@ def tiny_engines():
     from ctxcache.engine import Engine
 
     return {name: Engine.load(f"random:{name}") for name in ("tiny-llama", "tiny-qwen2")}
+
+
+@pytest.fixture(scope="session")
+def qwen():
+    """The packaged Qwen2.5-Coder-0.5B-Instruct (fp32, CPU): a real model with a tool format."""
+    from ctxcache.engine import Engine
+    from ctxcache.engine.packaged import SPLIT_MODELS, split_status
+
+    if split_status(SPLIT_MODELS["qwen2.5-coder-0.5b-instruct"])[1]:
+        pytest.skip("install ctxcache[qwen05b] for the real Qwen model")
+    return Engine.load("qwen2.5-coder-0.5b-instruct")

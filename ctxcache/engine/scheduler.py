@@ -65,6 +65,7 @@ class EngineRequest:
     prompt_tokens: int  # known before the build: used for the page budget
     exact_prefix_tokens: int = 0  # leading tokens whose K/V any strategy computes exactly
     should_stop: Callable[[], bool] | None = None
+    constraint: object = None  # structured.Constraint: a grammar the answer must follow
 
 
 class RequestHandle:
@@ -361,9 +362,20 @@ class ServingEngine:
                             p.stop)
         self.stats["prefills"] += 1
         self.running.append(s)
-        logits = res.logits.reshape(-1)
-        tok = s.sampler(logits)
+        logits = res.logits.reshape(1, -1)
+        c = s.req.constraint
+        if c is not None and c.matcher is not None:
+            logits = self._mask([c], logits)
+        tok = s.sampler(logits[0])
+        if c is not None:
+            c.accept(tok)
         self._advance(s, tok)
+
+    def _mask(self, constraints: list, logits: torch.Tensor) -> torch.Tensor:
+        """Forbid, row by row, the tokens each constraint's grammar does not allow next."""
+        from ctxcache.structured import apply_mask
+
+        return apply_mask(logits, self.engine.grammar.fill([c.matcher for c in constraints]))
 
     def _advance(self, s: Sequence, tok: int) -> None:
         """Feed one sampled token to a sequence: stream it, or finish it (EOS, stop string,
@@ -383,6 +395,10 @@ class ServingEngine:
         delta = s.text.push(tok)
         if s.text.stopped:
             self._retire(s, GenerationChunk(delta, tok, "stop"))
+            return
+        c = s.req.constraint
+        if c is not None and c.finished:  # the grammar is complete: nothing may follow
+            self._retire(s, GenerationChunk(delta + s.text.flush(), tok, "stop"))
             return
         if step == p.max_tokens - 1:
             self._retire(s, GenerationChunk(delta + s.text.flush(), tok, "length"))
@@ -410,6 +426,15 @@ class ServingEngine:
             rows.append(DecodeRow(s.pending, s.next_pos, slot, s.blocks, s.n_kv + 1, s.group,
                                   kp))
         logits = self.runner.decode(rows)
+        masked = [i for i, s in enumerate(batch)
+                  if s.req.constraint is not None and s.req.constraint.matcher is not None]
+        if masked:
+            if len(masked) == len(batch):
+                logits = self._mask([s.req.constraint for s in batch], logits)
+            else:
+                logits = logits.clone()
+                logits[masked] = self._mask([batch[i].req.constraint for i in masked],
+                                            logits[masked])
         greedy = [i for i, s in enumerate(batch) if s.req.params.greedy]
         toks: dict[int, int] = {}
         if greedy:
@@ -421,6 +446,8 @@ class ServingEngine:
                 toks[i] = s.sampler(logits[i])
         self.stats["decode_tokens"] += len(batch)
         for i, s in enumerate(batch):
+            if s.req.constraint is not None:
+                s.req.constraint.accept(toks[i])
             s.n_kv += 1
             s.next_pos += 1
             s.pending = None
