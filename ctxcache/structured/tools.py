@@ -42,7 +42,7 @@ class ToolSpec:
     tools: list[dict]  # OpenAI shape: {"type": "function", "function": {name, description, parameters}}
     choice: str = "auto"  # "auto" | "none" | "required" | "named"
     name: str | None = None  # the function when choice == "named"
-    parallel: bool = True
+    parallel: bool = False  # several calls in one answer (parallel_tool_calls: true)
 
     @property
     def functions(self) -> dict[str, dict]:
@@ -181,11 +181,10 @@ class HermesFormat:
         if spec.choice == "required":
             return compiler.constraint(compiler.lark(self.grammar_calls(fns, spec.parallel)),
                                        "tool parameters schema")
-        if self.trigger is None:
-            return None  # approximation: auto without a single-token opener is unconstrained
         grammar = compiler.lark(self.grammar_rest_of_call(fns))
+        bare = compiler.lark("start: body\n" + self.body_rule(fns))
         compiler.matcher(grammar, "tool parameters schema")  # validate now: a 400, not mid-decode
-        return ToolCallConstraint(compiler, grammar, self.trigger, spec.parallel)
+        return ToolCallConstraint(compiler, grammar, bare, self.trigger, spec.parallel)
 
     # ---------------------------------------------------------------- parsing
     def parse(self, text: str, spec: ToolSpec) -> tuple[str, list[ToolCall]]:
@@ -195,9 +194,12 @@ class HermesFormat:
             return text, []
         if OPEN not in text:
             # Small models (Qwen2.5-Coder-0.5B) often answer a call as the bare JSON object,
-            # without the tags: a whole answer that is exactly a call of a declared function
-            # is taken as that call.
-            call = self._one(text, spec.functions) if text.lstrip().startswith("{") else None
+            # without the tags, or inside a ```json fence: a whole answer that is exactly a
+            # call of a declared function is taken as that call.
+            body = text.strip()
+            if body.startswith("```"):
+                body = body[3:].removeprefix("json").removesuffix("```").strip()
+            call = self._one(body, spec.functions) if body.startswith("{") else None
             return ("", [call]) if call is not None else (text, [])
         fns = spec.functions
         content, calls, pos = [], [], 0
@@ -209,6 +211,8 @@ class HermesFormat:
             b = text.find(CLOSE, a)
             end = len(text) if b < 0 else b + len(CLOSE)
             call = self._one(text[a + len(OPEN): b if b >= 0 else len(text)], fns)
+            if call is None and b < 0 and calls:
+                break  # an unfinished call after complete ones (cut by max_tokens): dropped
             if call is None:
                 content.append(text[pos:end])
             else:
@@ -235,16 +239,19 @@ class HermesFormat:
 
 
 class ToolCallConstraint(Constraint):
-    """``tool_choice: auto``: dormant while the model writes text; when it samples the
-    ``<tool_call>`` token, the rest of that call is constrained to a valid call. After the call
-    closes it is dormant again (another call may follow), or — without parallel calls — the
-    answer must end."""
+    """``tool_choice: auto``: dormant while the model writes text; when it opens a call — the
+    ``<tool_call>`` token, or a first token that starts a bare JSON object (how small models
+    often answer a call) — the rest of that call is constrained to a valid call. After a call
+    it is dormant again when parallel calls are allowed; otherwise the answer must end."""
 
-    def __init__(self, compiler: GrammarCompiler, grammar: str, trigger: int, parallel: bool):
+    def __init__(self, compiler: GrammarCompiler, grammar: str, bare: str, trigger: int | None,
+                 parallel: bool):
         super().__init__(None, grammar)
         self.compiler = compiler
+        self.bare = bare
         self.trigger = trigger
         self.parallel = parallel
+        self.steps = 0
         self.calls = 0
         self._end_only = None
 
@@ -253,9 +260,14 @@ class ToolCallConstraint(Constraint):
         return False
 
     def accept(self, token: int) -> None:
+        step, self.steps = self.steps, self.steps + 1
         if self.matcher is None:
-            if int(token) == self.trigger:
+            if self.trigger is not None and int(token) == self.trigger:
                 self.matcher = self.compiler.matcher(self.grammar, "tool parameters schema")
+            elif step == 0 and self.compiler.tokenizer.decode_str([int(token)]).lstrip() \
+                    .startswith("{"):
+                m = self.compiler.matcher(self.bare, "tool parameters schema")
+                self.matcher = m if m.consume_token(int(token)) and not m.is_error() else None
             return
         super().accept(token)
         if self.matcher is not self._end_only and self.matcher.is_stopped():
@@ -343,5 +355,8 @@ def parse_tool_spec(tools: list[dict] | None, tool_choice: Any, parallel: bool |
     else:
         raise InvalidInputError("tool_choice must be 'auto', 'none', 'required' or "
                                 "{'type': 'function', 'function': {'name': ...}}")
+    # Several calls in one answer only when asked for explicitly: with the OpenAI default
+    # (parallel allowed) small models such as Qwen2.5-Coder-0.5B keep appending calls of the same
+    # function with made-up arguments until max_tokens (measured under tool_choice required).
     return ToolSpec([{"type": "function", "function": t["function"]} for t in tools], choice,
-                    name, True if parallel is None else bool(parallel))
+                    name, bool(parallel))

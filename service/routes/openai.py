@@ -47,12 +47,20 @@ async def chat(body: ChatCompletionRequest, request: Request,
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     history = messages[:-1] if messages[-1]["role"] == "user" else messages
     fp = context_fingerprint(documents=[json.dumps(history)], temperature=body.temperature,
-                             tools=[body.tools, body.response_format], model=body.model,
-                             system=json.dumps(body.stop))
+                             tools=body.tools, model=body.model,
+                             system=json.dumps(body.stop) + answer_format(body))
     call = Call("chat", body.model, t.name, last_user, fp, body.category,
                 "/v1/chat/completions", body.cache and not body.tools)
     req = GenRequest(params, t.name, messages=messages, tools=tools, schema=schema)
     return await serve(gw, request, req, call, stream=body.stream)
+
+
+def answer_format(body: ChatCompletionRequest) -> str:
+    """The response format as part of the semantic cache's context: a JSON answer is never
+    served for a text request, nor one schema's answer for another."""
+    rf = body.response_format
+    return "" if not rf or rf.get("type") == "text" else "|format|" + json.dumps(rf,
+                                                                                sort_keys=True)
 
 
 def chat_message(m) -> dict:
@@ -104,8 +112,8 @@ async def grounded_chat(body: ChatCompletionRequest, messages: list[dict], param
     system = system or DEFAULT_RAG_SYSTEM
     fp = context_fingerprint(documents=sorted(body.document_ids) + body.passages
                              + [json.dumps(turns[:-1])], temperature=body.temperature,
-                             system=system + json.dumps(body.stop), model=body.model,
-                             tools=body.response_format)
+                             system=system + json.dumps(body.stop) + answer_format(body),
+                             model=body.model)
     call = Call("chat", body.model, t.name, turns[-1]["content"], fp, body.category,
                 "/v1/chat/completions", body.cache, body.document_ids,
                 {"passages": len(passages)})
