@@ -1,9 +1,9 @@
 """Grammar-constrained decoding: a per-request token mask that only admits continuations of a
 grammar (a JSON schema, "any JSON object", or the tool-call format).
 
-Backed by llguidance (its Earley parser over a lexer computes a token mask in tens of
-microseconds on one core, which keeps the constraint off the decode critical path; see
-``benchmarks/structured.py`` for the measured per-token overhead beside xgrammar's). Each
+Backed by llguidance (its authors report a token mask in tens of microseconds on one core,
+which would keep the constraint off the decode critical path; ``benchmarks/structured.py``
+measures the per-token overhead here beside xgrammar's — not yet run to completion). Each
 request owns one ``Constraint``; the serving engine fills the masks of all constrained rows of a
 batch in one call, applies them to the logits on the device, samples, and tells each constraint
 which token was taken.
