@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ctxcache.service.errors import APIError, error_body, install_handlers  # noqa: F401
+from ctxcache.service.limits import BodyLimit
 from ctxcache.service.gateway import Gate, Gateway, Tenant  # noqa: F401 - public names
 from ctxcache.service.routes import agents, cache, documents, health, openai, rag
 from ctxcache.service.settings import Settings
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
     app = FastAPI(title="ctxcache", version="0.1.0", lifespan=lifespan)
     app.state.gw = gateway
     install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes_of=lambda: settings.max_body_bytes)
     for module in (health, openai, documents, rag, agents, cache):
         app.include_router(module.router)
     return app

@@ -101,13 +101,7 @@ class EmbeddedBackend(Backend):
                            ) -> list[Segment]:
         """Split the templated conversation at message boundaries so each turn is a cacheable
         segment (prefix reuse then skips the whole shared history)."""
-        e = self.engine
-        full = e.chat_ids(messages, tools=tools)
-        cuts = []
-        for i in range(1, len(messages)):
-            part = e.chat_ids(messages[:i], add_generation_prompt=False, tools=tools)
-            if len(part) < len(full) and full[: len(part)] == part:
-                cuts.append(len(part))
+        full, cuts = self.engine.chat_segments(messages, tools)
         segs, prev = [], 0
         for c in cuts + [len(full)]:
             if c > prev:
@@ -130,6 +124,7 @@ class EmbeddedBackend(Backend):
                                            req.tools.rendered() if req.tools else None)
             strategy = "prefix"
         elif req.text is not None:
+            e.check_prompt_chars(len(req.text))
             segs = [Segment.chunk(e.encode(req.text))]
             strategy = "prefix"
         else:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from ctxcache.errors import CtxCacheError
 from ctxcache.fusion.base import FusionContext, FusionStats
 from ctxcache.fusion.chunks import chunk_kv
+from ctxcache.kv.keys import PUBLIC_NAMESPACE
 from ctxcache.semantic.models import Document
 from ctxcache.service.backends import rag_template
 
@@ -29,6 +30,10 @@ DEFAULT_RAG_SYSTEM = ("You answer questions using the passages given. If the pas
 
 class UnknownDocumentError(CtxCacheError, LookupError):
     """A document id this tenant cannot see."""
+
+
+class IngestCancelled(CtxCacheError):
+    """The client left while its documents were being ingested (nothing was stored)."""
 
 
 def split_chunks(text: str, count, chunk_tokens: int) -> list[str]:
@@ -83,9 +88,9 @@ class DocumentService:
         return lambda s: max(1, len(s) // 4)  # no local tokenizer (SGLang): ~4 chars a token
 
     def ingest(self, tenant: str, text: str, title: str | None, meta: dict,
-               public: bool = False) -> dict:
+               public: bool = False, should_stop=None) -> dict:
         doc_id = xxhash.xxh3_128_hexdigest(text.encode())[:32]
-        owner = "_public" if public else tenant
+        owner = PUBLIC_NAMESPACE if public else tenant
         with Session(self.db) as s:
             row = s.get(Document, (doc_id, owner))
             if row is not None:
@@ -94,17 +99,18 @@ class DocumentService:
         count = self._count()
         chunks = split_chunks(text, count, self.chunk_tokens)
         tokens = sum(count(c) for c in chunks)
-        self._precompute(owner, chunks)
+        self._precompute(owner, chunks, should_stop)
         with Session(self.db) as s:
             if s.get(Document, (doc_id, owner)) is None:
                 s.add(Document(id=doc_id, tenant=owner, title=title or "", text=text,
                                chunks=json.dumps(chunks), meta=json.dumps(meta), tokens=tokens,
-                               public=public, created_at=time.time()))
+                               public=public, created_at=time.time(),
+                               publisher=tenant if public else None))
                 s.commit()
         return {"id": doc_id, "chunks": len(chunks), "tokens": tokens, "created": True,
                 "public": public}
 
-    def _precompute(self, namespace: str, chunks: list[str]) -> None:
+    def _precompute(self, namespace: str, chunks: list[str], should_stop=None) -> None:
         engine = getattr(self.backend, "engine", None)
         if engine is None or self.store is None:
             return  # remote backend: the server's own prefix cache does the work
@@ -113,10 +119,12 @@ class DocumentService:
         head, _, _ = rag_template(engine, self.system)
         pkey, pkv = chunk_kv(ctx, head, stats)
         for c in chunks:
+            if should_stop is not None and should_stop():
+                raise IngestCancelled("ingestion cancelled: the client went away")
             chunk_kv(ctx, engine.encode(c.rstrip() + "\n\n"), stats, prefix=pkv, prefix_key=pkey)
 
     def _visible(self, tenant: str):
-        return or_(Document.tenant == tenant, Document.tenant == "_public")
+        return or_(Document.tenant == tenant, Document.tenant == PUBLIC_NAMESPACE)
 
     def get(self, tenant: str, doc_id: str) -> dict:
         with Session(self.db) as s:
@@ -145,15 +153,24 @@ class DocumentService:
             return [{"id": r.id, "title": r.title, "tokens": r.tokens, "public": r.public}
                     for r in rows]
 
-    def delete(self, tenant: str, doc_id: str) -> dict:
-        """Remove the document, its chunk caches and semantic entries that depend on it."""
+    def delete(self, tenant: str, doc_id: str, admin: bool = False) -> dict:
+        """Remove the document, its chunk caches and semantic entries that depend on it.
+
+        A tenant deletes its own documents and the public ones it published; the admin key
+        any public document (the public namespace belongs to the gateway, not to a tenant)."""
         with Session(self.db) as s:
             row = s.get(Document, (doc_id, tenant))
             if row is None:
+                pub = s.get(Document, (doc_id, PUBLIC_NAMESPACE))
+                if pub is not None and (admin or pub.publisher == tenant):
+                    row = pub
+            if row is None:
                 raise UnknownDocumentError(f"unknown document {doc_id!r}")
+            owner = row.tenant
             chunks = json.loads(row.chunks)
-            s.execute(delete(Document).where(Document.id == doc_id, Document.tenant == tenant))
+            s.execute(delete(Document).where(Document.id == doc_id, Document.tenant == owner))
             s.commit()
+        tenant = owner
         removed = 0
         engine = getattr(self.backend, "engine", None)
         if engine is not None and self.store is not None:
@@ -164,4 +181,5 @@ class DocumentService:
                 for prefix in (pkey, None):
                     removed += self.store.delete(self.store.key_for(engine.fingerprint, ids,
                                                                     prefix), tenant)
-        return {"id": doc_id, "deleted": True, "kv_entries_removed": removed}
+        return {"id": doc_id, "deleted": True, "kv_entries_removed": removed,
+                "public": owner == PUBLIC_NAMESPACE}

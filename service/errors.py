@@ -9,9 +9,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctxcache.errors import CtxCacheError, InvalidInputError, KVMismatchError, UnknownChunkError
-from ctxcache.agents.session import UnknownSessionError
+from ctxcache.agents.session import SessionCapacityError, UnknownSessionError
 from ctxcache.service.backends import BackendUnavailableError
-from ctxcache.service.documents import UnknownDocumentError
+from ctxcache.service.documents import IngestCancelled, UnknownDocumentError
 
 
 class APIError(Exception):
@@ -47,6 +47,7 @@ def _doc(description: str, retry: bool = False) -> dict:
 # documented on every route (APIRouter(responses=...)), so clients and fuzzers know the shape
 ERROR_RESPONSES: dict = {
     400: _doc("invalid input (bad value, malformed JSON, context too long)"),
+    413: _doc("request body larger than the server's max_body_bytes"),
     401: _doc("missing or invalid API key"),
     403: _doc("admin key required"),
     404: _doc("unknown model, document, session or disabled feature"),
@@ -68,6 +69,13 @@ def map_error(e: Exception) -> APIError:
     if isinstance(e, BackendUnavailableError):
         return APIError(503, str(e), "service_unavailable", "backend_unavailable",
                         headers={"Retry-After": "5"})
+    if isinstance(e, IngestCancelled):
+        return APIError(499, str(e), code="cancelled")
+    if isinstance(e, SessionCapacityError):
+        return APIError(429, str(e), "rate_limit_error", "sessions_full",
+                        headers={"Retry-After": "5"})
+    if isinstance(e, RecursionError):
+        return APIError(400, "request nested too deeply", code="invalid_value")
     if isinstance(e, (UnknownDocumentError, UnknownSessionError, UnknownChunkError)):
         return APIError(404, str(e), "not_found_error", "not_found")
     if isinstance(e, InvalidInputError) and "exceeds the model" in str(e):

@@ -25,9 +25,12 @@ class QueueFull(Exception):
 class Gate:
     """Bounded admission: ``max_concurrency`` generations run, ``max_queue`` wait, more → 429."""
 
-    def __init__(self, max_concurrency: int, max_queue: int, metrics: Metrics):
+    def __init__(self, max_concurrency: int, max_queue: int, metrics: Metrics,
+                 max_lookups: int = 32):
         self.sem = threading.BoundedSemaphore(max_concurrency)
         self.max_queue = max_queue
+        self.max_lookups = max_lookups
+        self.looking = 0
         self.waiting = 0
         self.running = 0
         self.lock = threading.Lock()
@@ -39,6 +42,19 @@ class Gate:
                 raise QueueFull()
             self.waiting += 1
             self.metrics.queue_depth.set(self.waiting)
+
+    def enter_lookup(self) -> None:
+        """A place among the requests being looked up in the semantic cache (the stage before
+        the generation queue): bounded too, so a burst is refused at once, before any
+        embedding, while hits keep being served when only the generation queue is full."""
+        with self.lock:
+            if self.looking >= self.max_lookups:
+                raise QueueFull()
+            self.looking += 1
+
+    def leave_lookup(self) -> None:
+        with self.lock:
+            self.looking -= 1
 
     def acquire(self, cancelled: Callable[[], bool]) -> bool:
         """Block until a slot frees (in a worker thread); False if cancelled meanwhile."""
@@ -74,26 +90,60 @@ class Gateway:
 
     def __init__(self, settings: Settings, backend: Backend | None = None,
                  semantic=None, store=None):
-        from ctxcache.db import make_engine, migrate
+        from ctxcache.db import make_engine
 
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
         self.db = make_engine(settings.database_url)
-        migrate(self.db)
         self.store = store
         self.backend = backend or self._make_backend()
-        self.semantic = semantic if semantic is not None else self._make_semantic()
+        self.semantic = semantic
+        self.db_ready = False
+        self._closed = threading.Event()
+        self._semantic_given = semantic is not None
+        if not self._connect_db():
+            # start degraded instead of exiting (a supervisor would restart-loop us): /ready
+            # says false, requests that need the database get 503, generation works uncached
+            threading.Thread(target=self._retry_db, name="db-retry", daemon=True).start()
         self.keys = KeyStore(self.db)
         self.rate = RateLimiter()
-        self.gate = Gate(settings.concurrency, settings.max_queue, self.metrics)
+        self.gate = Gate(settings.concurrency, settings.max_queue, self.metrics,
+                         settings.max_lookups)
         serving = getattr(self.backend, "serving", None)
         if serving is not None:
             self.metrics.watch_engine(serving)
         self.docs = DocumentService(self.db, self.backend, self.store, settings.chunk_tokens)
-        self.sessions = AgentSessions()
+        self.sessions = AgentSessions(settings.max_sessions,
+                                      max_per_tenant=settings.max_sessions_per_tenant)
         self.model_names = {settings.model, "default"}
         self.started = time.time()
+
+    DB_RETRY_S = 5.0
+
+    def _connect_db(self) -> bool:
+        """Migrate the database and open the semantic cache; False (logged) while it is down."""
+        from ctxcache.db import migrate
+        from ctxcache.service.errors import _database_down
+
+        try:
+            migrate(self.db)
+            if not self._semantic_given:
+                self.semantic = self._make_semantic()
+        except Exception as e:  # noqa: BLE001 - only a connection failure is waited out
+            if not _database_down(e):
+                raise
+            log.warning("database unreachable (%s); starting degraded, retrying every %.0f s",
+                        type(e).__name__, self.DB_RETRY_S)
+            return False
+        self.db_ready = True
+        return True
+
+    def _retry_db(self) -> None:
+        while not self._closed.wait(self.DB_RETRY_S):
+            if self._connect_db():
+                log.info("database reachable again: gateway ready")
+                return
 
     def _make_backend(self) -> Backend:
         s = self.settings
@@ -143,6 +193,7 @@ class Gateway:
         return sem
 
     def close(self) -> None:
+        self._closed.set()
         close = getattr(self.backend, "close", None)
         if close is not None:
             close()

@@ -144,6 +144,31 @@ def explore(gw: Gateway, res, text: str, finish: str) -> None:
 
 
 # ---------------------------------------------------------------------------- generation
+def busy() -> APIError:
+    return APIError(429, "server busy: request queue is full", "rate_limit_error",
+                    "queue_full", headers={"Retry-After": "1"})
+
+
+def admit(gw: Gateway) -> None:
+    """Take a place in the generation queue or refuse with 429."""
+    try:
+        gw.gate.enter()
+    except QueueFull:
+        gw.metrics.rejected.labels("queue_full").inc()
+        raise busy() from None
+
+
+def admit_lookup(gw: Gateway) -> None:
+    """Take a place in the lookup stage or refuse with 429 — the first thing a request does,
+    before the semantic lookup (an embedding) or any tokenizing, so a burst of any size is
+    refused in milliseconds."""
+    try:
+        gw.gate.enter_lookup()
+    except QueueFull:
+        gw.metrics.rejected.labels("queue_full").inc()
+        raise busy() from None
+
+
 async def run_stream(gw: Gateway, req: GenRequest, request: Request | None
                      ) -> AsyncIterator[dict]:
     """Admit, then generate in a worker thread; an async iterator of events.
@@ -151,12 +176,7 @@ async def run_stream(gw: Gateway, req: GenRequest, request: Request | None
     Events: {"text", "finish_reason"} chunks, then {"done": info}. The client going away sets a
     cancel flag that the decode loop checks every token.
     """
-    try:
-        gw.gate.enter()
-    except QueueFull:
-        gw.metrics.rejected.labels("queue_full").inc()
-        raise APIError(429, "server busy: request queue is full", "rate_limit_error",
-                       "queue_full", headers={"Retry-After": "1"}) from None
+    admit(gw)
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
@@ -251,14 +271,19 @@ def miss_meta(base: dict, info: dict) -> dict:
 async def serve(gw: Gateway, request: Request, req: GenRequest, call: Call, *,
                 stream: bool):
     """Answer ``req``: from a semantic hit, or by generating (streamed or not)."""
+    admit_lookup(gw)
     try:
-        await asyncio.to_thread(gw.backend.check, req)
-    except InvalidInputError as e:
-        raise APIError(400, str(e), code="invalid_value",
-                       param="tools" if req.tools is not None else "response_format") from None
-    hit, res = await asyncio.to_thread(lookup, gw, call)
-    if hit is not None and not serves(hit, req.params):
-        hit = None
+        try:
+            await asyncio.to_thread(gw.backend.check, req)
+        except InvalidInputError as e:
+            raise APIError(400, str(e), code="invalid_value",
+                           param="tools" if req.tools is not None else "response_format"
+                           ) from None
+        hit, res = await asyncio.to_thread(lookup, gw, call)
+        if hit is not None and not serves(hit, req.params):
+            hit = None
+    finally:
+        gw.gate.leave_lookup()
     if res is not None:
         (gw.metrics.semantic_hits if hit is not None else
          gw.metrics.semantic_misses).labels(res.category).inc()

@@ -2,29 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ctxcache.errors import InvalidInputError
+from ctxcache.kv.keys import check_tenant_name
 
 BAD_UNICODE = ("text contains an unpaired UTF-16 surrogate (such as \\udcff escaped in the "
                "JSON), which is not valid Unicode; send valid UTF-8 text")
 
 
+MAX_MESSAGES = 10_000  # hard cap of the schema; settings.max_messages is the working limit
+MAX_DEPTH = 32  # JSON nesting a request may have (tool schemas included)
+
+
 def _check_unicode(v: Any) -> None:
-    """JSON may escape lone surrogates that no UTF-8 encoder accepts: reject them up front, so
-    no tokenizer, embedder or database meets them later."""
-    if isinstance(v, str):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(BAD_UNICODE) from None
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            _check_unicode(k)
-            _check_unicode(x)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            _check_unicode(x)
+    """JSON may escape lone surrogates that no UTF-8 encoder accepts, and NUL characters that
+    PostgreSQL cannot store: reject both up front, the same on every backend, so no tokenizer,
+    embedder or database meets them later. Iterative, with a depth bound: a body nested
+    thousands deep is refused, not a recursion error."""
+    stack = [(v, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, str):
+            if "\0" in x:
+                raise ValueError("text contains a NUL character (\\u0000), which is not accepted")
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(BAD_UNICODE) from None
+        elif isinstance(x, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise ValueError(f"JSON nested more than {MAX_DEPTH} levels deep")
+            items = x.items() if isinstance(x, dict) else ((None, y) for y in x)
+            for k, y in items:
+                if k is not None:
+                    stack.append((k, depth + 1))
+                stack.append((y, depth + 1))
 
 
 class _Checked(BaseModel):
@@ -40,9 +55,26 @@ class _Loose(_Checked):
     model_config = ConfigDict(extra="allow")
 
 
+class ContentPart(_Checked):
+    """One part of a message's content. Only text parts are accepted: this server's models read
+    text only, and a dropped image would be a silent wrong answer."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"content part type {self.type!r} is not supported (text only)")
+        if self.text is None:
+            raise ValueError("a text content part needs 'text' (a string)")
+        return self
+
+
 class ChatMessage(_Loose):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=1024)] | None = None
     tool_calls: list[dict] | None = Field(None, max_length=64,
                                           description="an assistant turn's tool calls")
     tool_call_id: str | None = Field(None, max_length=256,
@@ -50,8 +82,8 @@ class ChatMessage(_Loose):
     name: str | None = Field(None, max_length=256)
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):  # content parts (text only, see ContentPart)
+            return "".join(p.text or "" for p in self.content)
         return self.content or ""
 
 
@@ -106,7 +138,9 @@ def refuse_unsupported(extra: dict | None) -> None:
 
 class ChatCompletionRequest(SamplingFields):
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=MAX_MESSAGES,
+        description=f"at most {MAX_MESSAGES} here; the server's max_messages setting may be lower")
     tools: list[dict] | None = Field(None, max_length=128)
     tool_choice: str | dict | None = Field(
         None, description="'auto' (default with tools), 'none', 'required' or "
@@ -162,8 +196,15 @@ class CompletionRequest(SamplingFields):
 class DocumentIn(_Checked):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, max_length=2_000_000)
-    title: str | None = None
+    title: str | None = Field(None, max_length=512)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("document text is blank (only whitespace): nothing to ingest")
+        return v
 
 
 class DocumentsRequest(_Checked):
@@ -236,6 +277,16 @@ class FlushRequest(_Checked):
 
 class KeyRequest(_Checked):
     model_config = ConfigDict(extra="forbid")
-    tenant: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    tenant: str = Field(min_length=1, max_length=64,
+                        description="letters, digits, _ . - (starting with a letter or digit); "
+                                    "not a reserved name (admin, default, public, ...)")
     name: str = ""
     rate_limit_per_min: int = Field(600, ge=1, le=10**9)
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        try:
+            return check_tenant_name(v)
+        except InvalidInputError as e:  # → a validation error naming the field
+            raise ValueError(str(e)) from None

@@ -65,8 +65,18 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, le=1024)
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs per batch-size bucket
     max_queue: int = 32  # waiting requests beyond which the gateway answers 429
+    # requests in their semantic lookup at once (before the queue); beyond it: 429 at once
+    max_lookups: int = Field(32, ge=1)
     max_tokens_limit: int = 2048
     request_timeout_s: float = 300.0
+    # bounded work per request: refused (413 / 400) before any parsing or tokenizing
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_messages: int = Field(1024, ge=1, le=10_000)
+    max_document_chars: int = Field(1_000_000, ge=1, le=2_000_000)
+    max_documents_per_request: int = Field(64, ge=1, le=256)
+    # agent sessions: per tenant (oldest of that tenant evicted beyond it) and in all
+    max_sessions_per_tenant: int = Field(1000, ge=1)
+    max_sessions: int = Field(10_000, ge=1)
 
     @property
     def concurrency(self) -> int:

@@ -50,24 +50,57 @@ def agent_prompt(session: "AgentSession", agent: str):
     return session.system_for(agent), passages, f"Reply as {agent}, in one message."
 
 
+class SessionCapacityError(CtxCacheError):
+    """Every session slot is taken by other tenants (no tenant's sessions are evicted for
+    another's)."""
+
+
 class AgentSessions:
-    def __init__(self, max_sessions: int = 10_000, max_messages: int = 1_000):
+    """Sessions in memory, bounded per tenant and in all.
+
+    Eviction never crosses tenants: a tenant past its own quota loses its own oldest session;
+    when the whole store is full, a tenant with sessions replaces its own oldest one and a
+    tenant without any is refused, so no tenant can push out another's work."""
+
+    def __init__(self, max_sessions: int = 10_000, max_messages: int = 1_000,
+                 max_per_tenant: int = 1_000):
         self._sessions: dict[str, AgentSession] = {}
+        self._by_tenant: dict[str, dict[str, AgentSession]] = {}
         self._lock = threading.Lock()
         self.max_sessions = max_sessions
         self.max_messages = max_messages
+        self.max_per_tenant = max_per_tenant
 
     def create(self, tenant: str, shared_context: str, agents: dict[str, str]) -> AgentSession:
         for name in agents:
             if not name or len(name) > 64:
                 raise InvalidInputError("agent names must be 1-64 characters")
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                oldest = min(self._sessions.values(), key=lambda s: s.created_at)
-                del self._sessions[oldest.id]
+            own = self._by_tenant.setdefault(tenant, {})
+            if len(own) >= self.max_per_tenant or \
+                    (len(self._sessions) >= self.max_sessions and own):
+                oldest = next(iter(own.values()))  # insertion order: the oldest first
+                self._drop(oldest)
+            elif len(self._sessions) >= self.max_sessions:
+                raise SessionCapacityError(
+                    f"all {self.max_sessions} agent sessions are in use; retry later")
             s = AgentSession(uuid.uuid4().hex, tenant, shared_context, dict(agents))
             self._sessions[s.id] = s
+            own[s.id] = s
         return s
+
+    def _drop(self, s: AgentSession) -> None:
+        self._sessions.pop(s.id, None)
+        own = self._by_tenant.get(s.tenant)
+        if own is not None:
+            own.pop(s.id, None)
+            if not own:
+                del self._by_tenant[s.tenant]
+
+    def count(self, tenant: str | None = None) -> int:
+        with self._lock:
+            return len(self._sessions) if tenant is None else \
+                len(self._by_tenant.get(tenant, {}))
 
     def get(self, tenant: str, sid: str) -> AgentSession:
         s = self._sessions.get(sid)
@@ -84,6 +117,6 @@ class AgentSessions:
         return s
 
     def delete(self, tenant: str, sid: str) -> None:
-        self.get(tenant, sid)
+        s = self.get(tenant, sid)
         with self._lock:
-            self._sessions.pop(sid, None)
+            self._drop(s)

@@ -11,6 +11,7 @@ Batch size is 1 throughout (one request's prompt); the service batches across re
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Iterable, Sequence
 
@@ -283,11 +284,63 @@ class Engine(LayerSteps):
     def decode_ids(self, ids: Iterable[int]) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
-                 tools: list[dict] | None = None) -> list[int]:
-        """Token ids of ``messages`` through the model's own chat template (with ``tools``
-        rendered by it, when given: see ``tool_format``)."""
+    # the longest text a prompt of ``max_positions`` tokens could be: checked before tokenizing,
+    # so an oversized request is refused at once instead of after seconds of tokenizer work
+    CHARS_PER_TOKEN_BOUND = 16
+
+    def check_prompt_chars(self, n_chars: int) -> None:
+        limit = self.spec.max_positions * self.CHARS_PER_TOKEN_BOUND
+        if n_chars > limit:
+            raise InvalidInputError(
+                f"prompt of {n_chars} characters exceeds the model's context: {self.name} takes "
+                f"{self.spec.max_positions} tokens (at most {limit} characters)")
+
+    def chat_segments(self, messages: list[dict], tools: list[dict] | None = None
+                      ) -> tuple[list[int], list[int]]:
+        """Token ids of ``messages`` with a generation prompt, and the token offsets where
+        each message's content ends (cut points for per-turn prefix caching).
+
+        Linear in the conversation: the template is rendered once with a marker after each
+        message's content and once without; the tokens are split where a marker was. Asking
+        the template for every prefix of the conversation instead was quadratic (1,000
+        messages took 13 s on one CPU). Where the template moves or drops a marker, or no token
+        boundary falls on it, that cut is left out (the prompt is the same, only coarser)."""
+        self._validate_messages(messages)
         tok = self._need_tokenizer()
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages)
+                                + (len(json.dumps(tools)) if tools else 0))
+        if tools:
+            self.tool_format.check()
+        if tok.chat_template is None:
+            ids = self.chat_ids(messages, tools=tools)
+            return ids, []
+        kw = {"tools": tools} if tools else {}
+        plain = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                        **kw)
+        mark = "\ue000"
+        cuts: list[int] = []
+        if mark not in plain and len(messages) > 1:
+            marked = [dict(m, content=m["content"] + mark) if i < len(messages) - 1 else m
+                      for i, m in enumerate(messages)]
+            text = tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False,
+                                           **kw)
+            pos, removed = [], 0
+            for i, ch in enumerate(text):
+                if ch == mark:
+                    pos.append(i - removed)
+                    removed += 1
+            if text.replace(mark, "") == plain:
+                cuts = pos
+        if cuts and getattr(tok, "is_fast", False):
+            enc = tok(plain, add_special_tokens=False, return_offsets_mapping=True)
+            ids = list(enc["input_ids"])
+            starts = {int(a): j for j, (a, b) in enumerate(enc["offset_mapping"])
+                      if j == 0 or enc["offset_mapping"][j - 1][1] <= a}
+            token_cuts = sorted({starts[c] for c in cuts if c in starts and starts[c] > 0})
+            return ids, token_cuts
+        return list(tok(plain, add_special_tokens=False)["input_ids"]), []
+
+    def _validate_messages(self, messages: list[dict]) -> None:
         if not messages:
             raise InvalidInputError("messages must not be empty")
         for i, m in enumerate(messages):
@@ -297,6 +350,13 @@ class Engine(LayerSteps):
                 raise InvalidInputError(f"message {i} has unknown role {m['role']!r}")
             if not isinstance(m["content"], str):
                 raise InvalidInputError(f"message {i} content must be a string")
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: list[dict] | None = None) -> list[int]:
+        """Token ids of ``messages`` through the model's own chat template (with ``tools``
+        rendered by it, when given: see ``tool_format``)."""
+        tok = self._need_tokenizer()
+        self._validate_messages(messages)
         if tools:
             self.tool_format.check()
         if tok.chat_template is None:  # plain fallback for checkpoints without a template

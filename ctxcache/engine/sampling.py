@@ -10,6 +10,11 @@ from torch import Tensor
 from ctxcache.errors import InvalidInputError
 
 
+# Below this temperature sampling is greedy: the softmax of logits / T is then one-hot to float
+# precision anyway, and dividing by a denormal (5e-324) made the logits inf and the draw NaN.
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 128
@@ -25,7 +30,7 @@ class SamplingParams:
             self.stop = [self.stop]
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidInputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not (0.0 <= float(self.temperature) <= 100.0):
+        if not (0.0 <= float(self.temperature) <= 100.0):  # also refuses NaN
             raise InvalidInputError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not (0.0 < float(self.top_p) <= 1.0):
             raise InvalidInputError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -36,7 +41,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return float(self.temperature) < MIN_TEMPERATURE
 
 
 class Sampler:

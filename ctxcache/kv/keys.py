@@ -16,8 +16,14 @@ import xxhash
 
 from ctxcache.errors import InvalidInputError
 
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# a namespace is one path segment of the disk tier: never "." / ".." (no leading dot)
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}$")
 PUBLIC_NAMESPACE = "_public"
+# tenant names a key may not be issued for: the gateway's own namespaces (public documents,
+# the admin key's, the unauthenticated one) and names that read as one of them
+RESERVED_TENANTS = frozenset({PUBLIC_NAMESPACE, "public", "admin", "default", "system",
+                              "root", "anonymous"})
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 def chunk_key(model_fingerprint: str, token_ids: Sequence[int], prefix_key: str | None = None) -> str:
@@ -43,6 +49,19 @@ def check_namespace(namespace: str) -> str:
             f"invalid namespace {namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
         )
     return namespace
+
+
+def check_tenant_name(name: str) -> str:
+    """A name an API key may be issued for: starts with a letter or digit, then letters,
+    digits, ``_ . -`` (at most 64), and none of ``RESERVED_TENANTS`` in any letter case."""
+    if not isinstance(name, str) or not _TENANT.match(name) or ".." in name:
+        raise InvalidInputError(
+            f"invalid tenant name {name!r}: 1-64 characters from A-Z a-z 0-9 _ . -, starting "
+            "with a letter or digit")
+    if name.lower() in RESERVED_TENANTS:
+        raise InvalidInputError(f"tenant name {name!r} is reserved; reserved: "
+                                f"{', '.join(sorted(RESERVED_TENANTS))}")
+    return name
 
 
 def check_key(key: str) -> str:

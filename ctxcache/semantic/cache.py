@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from ctxcache.db import make_engine, migrate
 from ctxcache.errors import InvalidInputError
 from ctxcache.kv.keys import check_namespace
+from ctxcache.paths import contained_path
 from ctxcache.semantic.classifier import (
     DEFAULT_CATEGORIES, CategoryRouter, CentroidClassifier, load_examples, load_trained,
 )
@@ -58,7 +59,8 @@ log = logging.getLogger(__name__)
 CANDIDATES = 8
 HIT_WRITE_DELAY_S = 0.5  # hit counters reach SQL within this
 # built once: constructing the statement per lookup cost as much as running it
-_PAYLOAD = select(SemanticEntry.response, SemanticEntry.created_at, SemanticEntry.prompt).where(
+_PAYLOAD = select(SemanticEntry.response, SemanticEntry.created_at, SemanticEntry.prompt,
+                  SemanticEntry.tenant, SemanticEntry.context_fp).where(
     SemanticEntry.id == bindparam("entry_id"))
 _HITS = update(SemanticEntry).where(SemanticEntry.id == bindparam("entry_id")).values(
     hits=SemanticEntry.hits + bindparam("n"), last_hit_at=bindparam("last"))
@@ -134,7 +136,7 @@ class SemanticCache(Maintenance, Feedback):
         return hashlib.sha256(f"{tenant}/all/{ids}".encode()).hexdigest()[:24]
 
     def _index_path(self, tenant: str) -> Path | None:
-        return self.index_dir / tenant / "entries.hnsw" if self.index_dir else None
+        return contained_path(self.index_dir, tenant, "entries.hnsw") if self.index_dir else None
 
     def _load_all(self) -> None:
         groups: dict[str, list] = defaultdict(list)
@@ -255,7 +257,8 @@ class SemanticCache(Maintenance, Feedback):
                 if sim < floor:
                     break  # sorted by similarity: nothing further qualifies
                 m = self.meta.get(i)
-                if m is None:
+                if m is None or self._owner.get(i, ("",))[0] != req.tenant:
+                    idx.delete(i)  # a label whose entry is gone or now another tenant's row
                     continue
                 own = self.policies.get(m.category)
                 need = threshold
@@ -287,8 +290,12 @@ class SemanticCache(Maintenance, Feedback):
             return None, near
         entry_id, sim = best
         row = self._payload(entry_id)
-        if row is None:  # deleted by another replica
+        # re-checked against the row itself before serving: a row deleted by another replica,
+        # or its id handed out again (to any tenant), must never answer for the entry it was
+        if row is None or row.tenant != req.tenant or row.context_fp != req.context_fp or \
+                abs(row.created_at - self.meta[entry_id].created_at) > 1e-3:
             self._forget(entry_id)
+            idx.delete(entry_id)
             return None, near
         hit = CacheHit(entry_id, json.loads(row.response), float(sim), category,
                        now - row.created_at, row.prompt)
@@ -359,6 +366,8 @@ class SemanticCache(Maintenance, Feedback):
             s.commit()
             entry_id = row.id
         with self._lock:
+            if entry_id in self._owner:  # an id SQL handed out again: drop what it meant before
+                self._forget(entry_id)
             idx = self.indexes.get(req.tenant)
             if idx is None:
                 idx = self.indexes[req.tenant] = self._new_index()

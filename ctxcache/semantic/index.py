@@ -1,7 +1,8 @@
 """HNSW vector index (hnswlib) for one (tenant, category).
 
-Labels are the SQL row ids, so a hit resolves to its payload by primary key. Deleted or expired
-entries are marked deleted in the graph (hnswlib skips them) and their slots are reused. The
+Each entry's graph label maps to its SQL row id, so a hit resolves to its payload by primary key.
+Deleted or expired entries are marked deleted in the graph (hnswlib skips them) and their slots
+are reused under fresh labels. The
 index can be saved next to a small manifest and is rebuilt from SQL when the manifest does not
 match the database (crash, restore, another replica wrote entries).
 """
@@ -48,6 +49,16 @@ def auto_ef(n: int) -> int:
 
 
 class VectorIndex:
+    """Entry ids → vectors, searched by cosine.
+
+    Why the graph's labels are not the entry ids: SQL may hand out an id again once its row is
+    gone (SQLite reuses the highest rowid after a delete), and hnswlib's slot reuse
+    (``replace_deleted``) re-labels a freed slot, so re-adding a label that is still marked
+    deleted left two slots behind one label — a delete then failed with "Label not found" and
+    the orphan slot kept answering with the old vector. Labels here come from a counter and are
+    never handed out twice; ``ids`` maps them back to entry ids.
+    """
+
     def __init__(self, dim: int, capacity: int = 1024, params: HnswParams = HnswParams()):
         self.dim = dim
         self.params = params
@@ -55,46 +66,84 @@ class VectorIndex:
         self.index.init_index(max_elements=capacity, M=params.M,
                               ef_construction=params.ef_construction,
                               allow_replace_deleted=True)
-        self.ids: set[int] = set()
+        self.label_of: dict[int, int] = {}  # entry id -> graph label
+        self.id_of: dict[int, int] = {}  # graph label -> entry id
+        self.next_label = 0
         self.lock = threading.RLock()
 
     @property
+    def ids(self) -> set[int]:
+        return set(self.label_of)
+
+    @property
     def ef(self) -> int:
-        return self.params.search_ef(len(self.ids))
+        return self.params.search_ef(len(self.label_of))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.label_of)
+
+    def __contains__(self, entry_id: int) -> bool:
+        return entry_id in self.label_of
 
     def add(self, ids: np.ndarray | list[int], vectors: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) == 0:
+        """Add entries; an id already present gets its new vector (old slot released)."""
+        ids = [int(i) for i in np.asarray(ids, dtype=np.int64)]
+        if not ids:
             return
         with self.lock:
-            need = len(self.ids) + len(ids)
+            for i in ids:
+                if i in self.label_of:
+                    self.delete(i)
+            need = len(self.label_of) + len(ids)
             cap = self.index.get_max_elements()
             if need > cap:
                 self.index.resize_index(max(need, cap * 2))
-            self.index.add_items(vectors.astype(np.float32), ids, replace_deleted=True)
-            self.ids.update(int(i) for i in ids)
+            labels = np.arange(self.next_label, self.next_label + len(ids), dtype=np.int64)
+            self.next_label += len(ids)
+            self.index.add_items(vectors.astype(np.float32).reshape(len(ids), -1), labels,
+                                 replace_deleted=True)
+            for i, lab in zip(ids, labels.tolist()):
+                self.label_of[i] = lab
+                self.id_of[lab] = i
 
     def delete(self, entry_id: int) -> bool:
         with self.lock:
-            if entry_id not in self.ids:
+            lab = self.label_of.pop(entry_id, None)
+            if lab is None:
                 return False
-            self.index.mark_deleted(int(entry_id))
-            self.ids.discard(entry_id)
+            self.id_of.pop(lab, None)
+            self.index.mark_deleted(lab)
             return True
 
     def query(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Ids and cosine similarities of the ``k`` nearest entries (fewer if the index is small)."""
+        """Ids and cosine similarities of the ``k`` nearest entries (fewer if the index is small).
+
+        hnswlib raises when its search reaches fewer than ``k`` live entries (many deleted
+        slots around the query); the search is then repeated with a wider beam and, failing
+        that, a smaller ``k``, so a lookup returns what the graph holds instead of an error."""
+        q = vector.reshape(1, -1).astype(np.float32)
         with self.lock:
-            n = len(self.ids)
+            n = len(self.label_of)
             if n == 0:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
             k = min(k, n)
-            self.index.set_ef(max(self.ef, k))
-            labels, dist = self.index.knn_query(vector.reshape(1, -1).astype(np.float32), k=k)
-        return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
+            ef = max(self.ef, k)
+            while True:
+                self.index.set_ef(ef)
+                try:
+                    labels, dist = self.index.knn_query(q, k=k)
+                    break
+                except RuntimeError:
+                    if ef < 4 * n:
+                        ef = min(4 * ef, 4 * n)
+                    elif k > 1:
+                        k = max(1, k // 2)
+                    else:
+                        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            ids = [self.id_of.get(int(lab), -1) for lab in labels[0]]
+        sims = (1.0 - dist[0]).astype(np.float32)
+        keep = [j for j, i in enumerate(ids) if i >= 0]
+        return np.asarray([ids[j] for j in keep], dtype=np.int64), sims[keep]
 
     def save(self, path: Path, fingerprint: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +152,9 @@ class VectorIndex:
             self.index.save_index(str(tmp))
             tmp.replace(path)
             path.with_suffix(".json").write_text(json.dumps(
-                {"fingerprint": fingerprint, "dim": self.dim, "ids": sorted(self.ids)}))
+                {"fingerprint": fingerprint, "dim": self.dim, "version": 2,
+                 "next_label": self.next_label,
+                 "labels": sorted([i, lab] for i, lab in self.label_of.items())}))
 
     @classmethod
     def load(cls, path: Path, fingerprint: str, dim: int,
@@ -113,12 +164,15 @@ class VectorIndex:
             manifest = json.loads(path.with_suffix(".json").read_text())
         except (OSError, ValueError):
             return None
-        if manifest.get("fingerprint") != fingerprint or manifest.get("dim") != dim:
-            return None
+        if manifest.get("fingerprint") != fingerprint or manifest.get("dim") != dim \
+                or manifest.get("version") != 2:
+            return None  # an older manifest (labels were entry ids): rebuilt from SQL
         idx = cls(dim, params=params)
         try:
             idx.index.load_index(str(path), allow_replace_deleted=True)
         except RuntimeError:
             return None
-        idx.ids = set(manifest["ids"])
+        idx.label_of = {int(i): int(lab) for i, lab in manifest["labels"]}
+        idx.id_of = {lab: i for i, lab in idx.label_of.items()}
+        idx.next_label = int(manifest["next_label"])
         return idx

@@ -43,8 +43,12 @@ class Maintenance:
         added = 0
         with self._lock:
             for r in rows:
-                if r.id in self.meta:
-                    continue
+                m = self.meta.get(r.id)
+                if m is not None:
+                    if self._owner.get(r.id) == (r.tenant, r.category) and \
+                            abs(m.created_at - r.created_at) <= 1e-3:
+                        continue
+                    self._forget(r.id)  # the id was reused for another row
                 idx = self.indexes.get(r.tenant)
                 if idx is None:
                     idx = self.indexes[r.tenant] = self._new_index()
@@ -85,6 +89,9 @@ class Maintenance:
                     rows))
                 s.commit()
             with self._lock:
+                for i in ids:
+                    if i in self._owner:
+                        self._forget(i)
                 idx = self.indexes.get(tenant)
                 if idx is None:
                     idx = self.indexes[tenant] = self._new_index(len(prompts))

@@ -63,3 +63,4 @@ class Document(Base):
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float)
+    publisher: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)

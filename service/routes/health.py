@@ -23,10 +23,12 @@ async def health(gw: Gateway = Depends(gw_dep)):
             "uptime_s": round(time.time() - gw.started, 1)}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={503: {"description": "backend or database not ready"}})
 async def ready(gw: Gateway = Depends(gw_dep)):
-    ok = await asyncio.to_thread(gw.backend.health)
-    return JSONResponse({"ready": ok}, 200 if ok else 503)
+    backend = await asyncio.to_thread(gw.backend.health)
+    ok = backend and gw.db_ready
+    return JSONResponse({"ready": ok, "backend": backend, "database": gw.db_ready},
+                        200 if ok else 503)
 
 
 @router.get("/metrics", response_class=Response, responses={

@@ -17,6 +17,7 @@ from typing import Iterator
 from ctxcache.kv.entry import StoredEntry
 from ctxcache.kv.serialize import CorruptEntryError, read_from, write_to
 from ctxcache.kv.tiers.base import Tier, TierUnavailableError
+from ctxcache.paths import contained_path
 
 SUFFIX = ".kv"
 TMP_MARK = ".tmp-"
@@ -38,7 +39,7 @@ class DiskTier(Tier):
 
     def _path(self, skey: str) -> Path:
         ns, key = skey.split("/", 1)
-        return self.root / ns / key[:2] / (key + SUFFIX)
+        return contained_path(self.root, ns, key[:2], key + SUFFIX)
 
     def _clean_tmp(self) -> int:
         n = 0
