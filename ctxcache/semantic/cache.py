@@ -57,6 +57,11 @@ from ctxcache.semantic.verified import AnswerJudge, EmbeddingJudge, VerifiedThre
 log = logging.getLogger(__name__)
 
 CANDIDATES = 8
+# a context with at most this many entries is searched exactly (its vectors scored directly)
+# rather than through the graph: a question stored under many documents gives many identical
+# vectors, which HNSW's neighbour heuristic links poorly, so the graph could not reach the one
+# entry of the asked context (and hnswlib raised when it found fewer than k live entries)
+EXACT_SCAN_MAX = 4096
 HIT_WRITE_DELAY_S = 0.5  # hit counters reach SQL within this
 # built once: constructing the statement per lookup cost as much as running it
 _PAYLOAD = select(SemanticEntry.response, SemanticEntry.created_at, SemanticEntry.prompt,
@@ -121,6 +126,7 @@ class SemanticCache(Maintenance, Feedback):
         self.used_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.counts: dict[tuple[str, str], int] = defaultdict(int)
         self._owner: dict[int, tuple[str, str]] = {}
+        self._by_context: dict[tuple[str, str], set[int]] = defaultdict(set)  # (tenant, fp)
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semantic-hits")
@@ -146,10 +152,8 @@ class SemanticCache(Maintenance, Feedback):
                                     SemanticEntry.nbytes)).all()
         for r in rows:
             groups[r.tenant].append(r)
-            self.meta[r.id] = _Meta(r.context_fp, r.created_at, r.nbytes, r.category)
-            self._owner[r.id] = (r.tenant, r.category)
-            self.used_bytes[(r.tenant, r.category)] += r.nbytes
-            self.counts[(r.tenant, r.category)] += 1
+            self._remember(r.id, r.tenant, _Meta(r.context_fp, r.created_at, r.nbytes,
+                                                 r.category))
         for tenant, members in groups.items():
             ids = sorted(m.id for m in members)
             fp = self._fingerprint_sql(tenant, ids)
@@ -165,6 +169,15 @@ class SemanticCache(Maintenance, Feedback):
                                 np.stack([np.frombuffer(c.embedding, dtype=np.float32)
                                           for c in chunk]))
             self.indexes[tenant] = idx
+
+    def _remember(self, entry_id: int, tenant: str, meta: _Meta) -> None:
+        """The in-memory facts of one stored entry (caller adds its vector to the index)."""
+        key = (tenant, meta.category)
+        self.meta[entry_id] = meta
+        self._owner[entry_id] = key
+        self._by_context[(tenant, meta.fp)].add(entry_id)
+        self.used_bytes[key] += meta.nbytes
+        self.counts[key] += 1
 
     def _new_index(self, capacity: int = 1024) -> VectorIndex:
         return VectorIndex(self.embedder.dim, capacity, self.hnsw)
@@ -250,8 +263,14 @@ class SemanticCache(Maintenance, Feedback):
         now = self.clock()
         k = CANDIDATES
         near = None
+        with self._lock:
+            same_context = list(self._by_context.get((req.tenant, req.context_fp), ()))
+        exact = len(same_context) <= EXACT_SCAN_MAX
         while True:
-            ids, sims = idx.query(emb, k)
+            if exact:  # every entry of this context, scored exactly
+                ids, sims = idx.exact(emb, same_context)
+            else:
+                ids, sims = idx.query(emb, k)
             expired, best = [], None
             for i, sim in zip(ids.tolist(), sims.tolist()):
                 if sim < floor:
@@ -283,7 +302,8 @@ class SemanticCache(Maintenance, Feedback):
                 break
             for i in expired:
                 self._delete_ids([i], reason="expired")
-            if best is not None or k >= len(idx) or (len(sims) and sims[-1] < threshold):
+            if exact or best is not None or k >= len(idx) or \
+                    (len(sims) and sims[-1] < threshold):
                 break
             k *= 4  # all close neighbours belonged to other contexts: look further
         if best is None:
@@ -372,10 +392,7 @@ class SemanticCache(Maintenance, Feedback):
             if idx is None:
                 idx = self.indexes[req.tenant] = self._new_index()
             idx.add([entry_id], emb.reshape(1, -1))
-            self.meta[entry_id] = _Meta(req.context_fp, now, nbytes, category)
-            self._owner[entry_id] = key
-            self.used_bytes[key] += nbytes
-            self.counts[key] += 1
+            self._remember(entry_id, req.tenant, _Meta(req.context_fp, now, nbytes, category))
             self.stats[category].inserts += 1
         return entry_id
 

@@ -145,6 +145,17 @@ class VectorIndex:
         keep = [j for j, i in enumerate(ids) if i >= 0]
         return np.asarray([ids[j] for j in keep], dtype=np.int64), sims[keep]
 
+    def exact(self, vector: np.ndarray, entry_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and cosine similarities of ``entry_ids`` (those still here), best first."""
+        with self.lock:
+            pairs = [(i, self.label_of[i]) for i in entry_ids if i in self.label_of]
+            if not pairs:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+            vecs = np.asarray(self.index.get_items([lab for _, lab in pairs]), dtype=np.float32)
+        sims = vecs @ vector.astype(np.float32).reshape(-1)
+        order = np.argsort(-sims, kind="stable")
+        return np.asarray([pairs[j][0] for j in order], dtype=np.int64), sims[order]
+
     def save(self, path: Path, fingerprint: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:

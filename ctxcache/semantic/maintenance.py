@@ -53,11 +53,8 @@ class Maintenance:
                 if idx is None:
                     idx = self.indexes[r.tenant] = self._new_index()
                 idx.add([r.id], np.frombuffer(r.embedding, dtype=np.float32).reshape(1, -1))
-                self.meta[r.id] = _Meta(r.context_fp, r.created_at, r.nbytes, r.category)
-                key = (r.tenant, r.category)
-                self._owner[r.id] = key
-                self.used_bytes[key] += r.nbytes
-                self.counts[key] += 1
+                self._remember(r.id, r.tenant, _Meta(r.context_fp, r.created_at, r.nbytes,
+                                                     r.category))
                 added += 1
             top = max([floor + SYNC_LAG_IDS] + [r.id for r in rows])
             self._sync_floor = max(floor, top - SYNC_LAG_IDS)
@@ -73,7 +70,6 @@ class Maintenance:
         if not (len(prompts) == len(embeddings) == len(responses)):
             raise InvalidInputError("prompts, embeddings and responses must have equal length")
         now = self.clock()
-        key = (tenant, category)
         total = 0
         for start in range(0, len(prompts), batch):
             rows = []
@@ -97,10 +93,7 @@ class Maintenance:
                     idx = self.indexes[tenant] = self._new_index(len(prompts))
                 idx.add(ids, embeddings[start:start + len(ids)])
                 for i, r in zip(ids, rows):
-                    self.meta[i] = _Meta(context_fp, now, r["nbytes"], category)
-                    self._owner[i] = key
-                    self.used_bytes[key] += r["nbytes"]
-                    self.counts[key] += 1
+                    self._remember(i, tenant, _Meta(context_fp, now, r["nbytes"], category))
                 self.stats[category].inserts += len(ids)
             total += len(ids)
         return total
@@ -131,6 +124,12 @@ class Maintenance:
         with self._lock:
             key = self._owner.pop(entry_id, None)
             m = self.meta.pop(entry_id, None)
+            if key is not None and m is not None:
+                group = self._by_context.get((key[0], m.fp))
+                if group is not None:
+                    group.discard(entry_id)
+                    if not group:
+                        del self._by_context[(key[0], m.fp)]
             if key is not None:
                 idx = self.indexes.get(key[0])
                 if idx is not None:

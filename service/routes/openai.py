@@ -32,6 +32,9 @@ async def models(gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep))
 async def chat(body: ChatCompletionRequest, request: Request,
                gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
     check_model(gw, body.model)
+    if len(body.messages) > gw.settings.max_messages:
+        raise APIError(400, f"{len(body.messages)} messages; this server takes at most "
+                       f"{gw.settings.max_messages}", code="invalid_value", param="messages")
     messages = [chat_message(m) for m in body.messages]
     if not any(m["content"] or m.get("tool_calls") for m in messages):
         raise APIError(400, "messages must contain some text", code="invalid_value",
