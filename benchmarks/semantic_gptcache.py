@@ -101,7 +101,7 @@ def gptcache_serve(stored: dict[str, str], queries: list[str], vec, threshold: f
         cache = Cache()
         dm = get_data_manager(CacheBase("sqlite", sql_url=f"sqlite:///{d}/g.db"),
                               VectorBase("hnswlib", dimension=len(next(iter(vec.values()))),
-                                         index_file_path=f"{d}/g.bin",
+                                         index_path=f"{d}/g.bin",
                                          max_elements=max(20_000, 2 * len(stored))))
         search = dm.v.search
         # compatibility shim: hnswlib returns numpy uint64 ids, which GPTCache 0.1.44 passes

@@ -11,7 +11,13 @@ class CtxCacheError(Exception):
 
 
 class InvalidInputError(CtxCacheError, ValueError):
-    """The caller passed something malformed: empty prompt, out-of-range token, bad parameter."""
+    """The caller passed something malformed: empty prompt, out-of-range token, bad parameter.
+
+    ``param`` names the request field at fault, where one is (the API reports it)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownModelError(CtxCacheError, LookupError):

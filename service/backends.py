@@ -49,6 +49,7 @@ class GenRequest:
     tools: ToolSpec | None = None  # OpenAI tools / tool_choice / parallel_tool_calls
     schema: dict | bool | None = None  # response_format's JSON schema (None: plain text)
     constraint: object = None  # its grammar constraint, made by ``Backend.check``
+    recompute_ratio: float | None = None  # per-request override of the strategy's ratio
 
 
 @dataclass
@@ -141,13 +142,20 @@ class EmbeddedBackend(Backend):
             exact += len(s.token_ids or [])
         constraint = req.constraint if req.constraint is not None else self._constraint(req)
         handle = self.serving.submit(EngineRequest(
-            lambda: self.planner.run(ctx, segs, strategy), req.params, n_prompt, exact,
+            lambda: self.planner.run(ctx, segs, strategy, req.recompute_ratio), req.params,
+            n_prompt, exact,
             req.should_stop, constraint))
         if req.tools is None or req.tools.choice == "none":
             return GenStream(iter(handle), handle.info)
         return GenStream(self._tool_chunks(iter(handle), req.tools, handle.info), handle.info)
 
     def check(self, req: GenRequest) -> None:
+        if req.recompute_ratio is not None:
+            name = req.strategy or self.planner.default
+            if name != "auto" and name in self.planner.strategies and \
+                    self.planner.strategies[name].ratio_attr is None:
+                raise InvalidInputError(f"recompute_ratio does not apply to strategy {name!r} "
+                                        "(it has no recompute step)", param="recompute_ratio")
         req.constraint = self._constraint(req)
 
     def _constraint(self, req: GenRequest):

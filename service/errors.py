@@ -56,6 +56,13 @@ ERROR_RESPONSES: dict = {
 }
 
 
+# a route that can stream answers JSON or, with "stream": true, Server-Sent Events
+STREAMING_RESPONSES: dict = {200: {
+    "description": "the answer as JSON, or as Server-Sent Events (`data: {chunk}` lines, then "
+                   "`data: [DONE]`) when the request has \"stream\": true",
+    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None):
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 

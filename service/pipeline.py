@@ -276,9 +276,8 @@ async def serve(gw: Gateway, request: Request, req: GenRequest, call: Call, *,
         try:
             await asyncio.to_thread(gw.backend.check, req)
         except InvalidInputError as e:
-            raise APIError(400, str(e), code="invalid_value",
-                           param="tools" if req.tools is not None else "response_format"
-                           ) from None
+            raise APIError(400, str(e), code="invalid_value", param=e.param or (
+                "tools" if req.tools is not None else "response_format")) from None
         hit, res = await asyncio.to_thread(lookup, gw, call)
         if hit is not None and not serves(hit, req.params):
             hit = None

@@ -23,8 +23,23 @@ def make_app(mode: str, engine, embedder, tmp):
     """An open gateway or one that requires keys; max_tokens capped so fuzzed generations stay
     short (larger requests are 400s, which is part of what is checked). One per test: the ASGI
     test transport runs the app's shutdown when it is done with it."""
-    extra = {"auth": "required", "admin_key": ADMIN} if mode == "auth" else {}
+    extra = {"auth": "required", "admin_key": ADMIN} if mode in ("auth", "pg") else {}
+    if mode == "pg":
+        extra["database_url"] = pg_url()
     return create_app(gateway=make_gateway(tmp, engine, embedder, max_tokens_limit=8, **extra))
+
+
+def pg_url() -> str:
+    """The local PostgreSQL (CI runs one), or skip: the same fuzzing on the production
+    database, where NUL bytes and other text SQLite stores could fail."""
+    url = os.environ.get("CTXCACHE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    try:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3}).connect().close()
+    except Exception as e:  # noqa: BLE001 - no server here
+        pytest.skip(f"PostgreSQL not reachable: {type(e).__name__}")
+    return url
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +54,7 @@ def embedder_for_fuzz():
     ("auth", {}),  # no key: documented 401s
     ("auth", {"Authorization": "Bearer wrong-key"}),
     ("auth", {"Authorization": f"Bearer {ADMIN}"}),
+    ("pg", {"Authorization": f"Bearer {ADMIN}"}),
 ])
 def test_fuzz_every_operation(engine, embedder_for_fuzz, tmp_path, mode, headers):
     app = make_app(mode, engine, embedder_for_fuzz, tmp_path)

@@ -47,7 +47,8 @@ class Server:
 
 
 def make_gateway(tmp, engine, embedder, backend=None, **overrides):
-    settings = Settings(data_dir=tmp, database_url=f"sqlite:///{tmp}/gw.db", **overrides)
+    db = overrides.pop("database_url", None) or f"sqlite:///{tmp}/gw.db"
+    settings = Settings(data_dir=tmp, database_url=db, **overrides)
     store = KVStore([MemoryTier(1 << 30)])
     backend = backend or EmbeddedBackend(engine, store)
     sem = SemanticCache(embedder, db_url=settings.database_url, index_dir=tmp / "hnsw")
@@ -210,6 +211,14 @@ def test_documents_and_rag_reuse_chunk_kv(gw_open):
                                            "document_ids": [r1["id"]], "strategy": "full",
                                            "cache": False, "max_tokens": 24}, timeout=120).json()
     assert full["ctxcache"]["reused_tokens"] == 0
+    # a per-request recompute ratio is honoured (it was validated and then ignored)
+    q = {"question": "Which country holds most of the forest?", "document_ids": [r1["id"]],
+         "strategy": "cacheblend", "cache": False, "max_tokens": 4}
+    lo = httpx.post(u + "/v1/rag", json=q | {"recompute_ratio": 0.0}, timeout=120).json()
+    hi = httpx.post(u + "/v1/rag", json=q | {"recompute_ratio": 1.0}, timeout=120).json()
+    assert hi["ctxcache"]["recomputed_tokens"] > lo["ctxcache"]["recomputed_tokens"]
+    r = httpx.post(u + "/v1/rag", json=q | {"strategy": "naive", "recompute_ratio": 0.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "recompute_ratio"
     d = httpx.delete(u + f"/v1/documents/{r1['id']}").json()
     assert d["deleted"] and d["kv_entries_removed"] >= 1 and d["semantic_entries_removed"] == 1
     assert httpx.get(u + f"/v1/documents/{r1['id']}").status_code == 404

@@ -9,9 +9,12 @@ stale logit.
 
 from __future__ import annotations
 
+import copy
+
 from abc import ABC, abstractmethod
 from typing import Sequence
 
+from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.chunks import all_ids, resolve
 from ctxcache.fusion.types import (  # noqa: F401 - re-exported
     FusionContext, FusionResult, FusionStats, Role, Segment, Timer,
@@ -32,6 +35,20 @@ class FusionStrategy(ABC):
     @abstractmethod
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         """Assemble the prompt's K/V from ``segments``."""
+
+    # the attribute that holds this strategy's recompute ratio (None: it has none)
+    ratio_attr: str | None = None
+
+    def with_ratio(self, ratio: float) -> "FusionStrategy":
+        """This strategy with another recompute ratio (a per-request override); learned state
+        such as Cache-Craft's chunk table stays shared with the original."""
+        if self.ratio_attr is None:
+            raise InvalidInputError(f"strategy {self.name!r} has no recompute ratio")
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise InvalidInputError("recompute_ratio must be in [0, 1]")
+        out = copy.copy(self)
+        setattr(out, self.ratio_attr, float(ratio))
+        return out
 
     def describe(self) -> dict:
         return {"name": self.name}

@@ -30,6 +30,8 @@ from ctxcache.fusion.selective import (
 class CacheBlend(FusionStrategy):
     name = "cacheblend"
 
+    ratio_attr = "r"
+
     def __init__(self, recompute_ratio: float = 0.15, select_from: int = 1, widen: float = 1.5,
                  narrow_layers: int = 3):
         if not 0.0 <= recompute_ratio <= 1.0:

@@ -51,6 +51,7 @@ class ChunkImpact:
 
 class CacheCraft(FusionStrategy):
     name = "cachecraft"
+    ratio_attr = "base"
 
     def __init__(self, base_ratio: float = 0.15, max_ratio: float = 1.0,
                  reuse_below: float = 0.02, full_above: float = 0.9, variant_above: float = 0.5,

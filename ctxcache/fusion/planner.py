@@ -125,10 +125,16 @@ class Planner:
         return n, missing
 
     def run(self, ctx: FusionContext, segments: Sequence[Segment],
-            requested: str | None = None) -> FusionResult:
+            requested: str | None = None, recompute_ratio: float | None = None
+            ) -> FusionResult:
+        """Build with the chosen strategy; ``recompute_ratio`` overrides the ratio of a
+        strategy that has one (full prefill, if chosen, recomputes everything anyway)."""
         sizes = self.sizes(ctx, segments) if self.cost_model is not None else None
         name, shadow = self.choose(requested, sizes)
-        result = self.strategies[name].build(ctx, segments)
+        strategy = self.strategies[name]
+        if recompute_ratio is not None and strategy.ratio_attr is not None:
+            strategy = strategy.with_ratio(recompute_ratio)
+        result = strategy.build(ctx, segments)
         if shadow is not None:
             ref = result if name == "full" else self.strategies["full"].build(ctx, segments)
             test = result if shadow == name else self.strategies[shadow].build(ctx, segments)

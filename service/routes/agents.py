@@ -10,7 +10,7 @@ from ctxcache.agents import team
 from ctxcache.agents.session import agent_prompt
 from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import gw_dep, tenant_dep
-from ctxcache.service.errors import ERROR_RESPONSES, APIError
+from ctxcache.service.errors import ERROR_RESPONSES, APIError, STREAMING_RESPONSES
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.pipeline import Call, sampling, serve
 from ctxcache.service.routes.rag import check_strategy
@@ -53,7 +53,7 @@ async def add_message(sid: str, body: AgentMessage, gw: Gateway = Depends(gw_dep
     return {"id": sid, "messages": len(s.messages)}
 
 
-@router.post("/v1/agents/sessions/{sid}/generate")
+@router.post("/v1/agents/sessions/{sid}/generate", responses=STREAMING_RESPONSES)
 async def agent_generate(sid: str, body: AgentGenerate, request: Request,
                          gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
     s = gw.sessions.get(t.name, sid)

@@ -12,7 +12,7 @@ from ctxcache.structured import parse_tool_spec, response_schema
 from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import check_model, gw_dep, tenant_dep
 from ctxcache.service.documents import DEFAULT_RAG_SYSTEM
-from ctxcache.service.errors import ERROR_RESPONSES, APIError
+from ctxcache.service.errors import ERROR_RESPONSES, APIError, STREAMING_RESPONSES
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.pipeline import Call, sampling, serve
 from ctxcache.service.routes.rag import check_strategy, document_passages
@@ -28,7 +28,7 @@ async def models(gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep))
         for m in sorted(gw.model_names)]}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMING_RESPONSES)
 async def chat(body: ChatCompletionRequest, request: Request,
                gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
     check_model(gw, body.model)
@@ -125,7 +125,7 @@ async def grounded_chat(body: ChatCompletionRequest, messages: list[dict], param
     return await serve(gw, request, req, call, stream=body.stream)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMING_RESPONSES)
 async def completions(body: CompletionRequest, request: Request,
                       gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
     check_model(gw, body.model)

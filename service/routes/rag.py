@@ -10,7 +10,7 @@ from ctxcache.semantic.cache import context_fingerprint
 from ctxcache.service.backends import GenRequest, RagPrompt
 from ctxcache.service.deps import gw_dep, tenant_dep
 from ctxcache.service.documents import DEFAULT_RAG_SYSTEM
-from ctxcache.service.errors import ERROR_RESPONSES, APIError
+from ctxcache.service.errors import ERROR_RESPONSES, APIError, STREAMING_RESPONSES
 from ctxcache.service.gateway import Gateway, Tenant
 from ctxcache.service.pipeline import Call, sampling, serve
 from ctxcache.service.schemas import RagRequest
@@ -38,7 +38,7 @@ async def document_passages(gw: Gateway, tenant: str, document_ids: list[str],
     return out
 
 
-@router.post("/v1/rag")
+@router.post("/v1/rag", responses=STREAMING_RESPONSES)
 async def rag(body: RagRequest, request: Request, gw: Gateway = Depends(gw_dep),
               t: Tenant = Depends(tenant_dep)):
     if not body.document_ids and not body.passages:
@@ -54,5 +54,5 @@ async def rag(body: RagRequest, request: Request, gw: Gateway = Depends(gw_dep),
     call = Call("rag", gw.settings.model, t.name, body.question, fp, None, "/v1/rag",
                 body.cache, body.document_ids, {"passages": len(passages)})
     req = GenRequest(params, t.name, rag=RagPrompt(system, passages, body.question),
-                     strategy=body.strategy)
+                     strategy=body.strategy, recompute_ratio=body.recompute_ratio)
     return await serve(gw, request, req, call, stream=body.stream)
