@@ -42,6 +42,8 @@ from ctxcache.semantic.classifier import (
     DEFAULT_CATEGORIES, CategoryRouter, CentroidClassifier, load_examples, load_trained,
 )
 from ctxcache.semantic.embedder import Embedder
+from ctxcache.semantic.focus import focus, same_rest
+from ctxcache.semantic.guard import keys_agree
 from ctxcache.semantic.language import LanguageGate, gate_for
 from ctxcache.semantic.feedback import Feedback
 from ctxcache.semantic.maintenance import SYNC_LAG_IDS, Maintenance
@@ -91,6 +93,7 @@ class SemanticCache(Maintenance, Feedback):
         verifier: VerifiedThresholds | None = None,
         judge: AnswerJudge | None = None,
         hnsw: HnswParams = HnswParams(),
+        key_guard: bool = True,
     ):
         self.embedder = embedder
         # texts in languages the embedder does not cover are served uncached ("auto": from the
@@ -106,6 +109,8 @@ class SemanticCache(Maintenance, Feedback):
             raise InvalidInputError("verify_rate must be in [0, 1]")
         self.verify_rate = verify_rate
         self.hnsw = hnsw
+        # never serve across differing numbers, ids, names, dates (``guard.py``)
+        self.key_guard = key_guard
         self.verifier = verifier or VerifiedThresholds()
         self.judge = judge or EmbeddingJudge(embedder.embed)
         self.max_text_chars = max_text_chars
@@ -228,7 +233,7 @@ class SemanticCache(Maintenance, Feedback):
     def lookup(self, req: CacheRequest, embedding: np.ndarray | None = None) -> LookupResult:
         self._check(req)
         t0 = time.perf_counter()
-        emb = self.embed(req.text) if embedding is None else embedding
+        emb = self.embed(focus(req.text)) if embedding is None else embedding
         t1 = time.perf_counter()
         category = self.router.categorize(emb, req.category, req.route)
         policy = self.policies[category]
@@ -298,7 +303,22 @@ class SemanticCache(Maintenance, Feedback):
                 if sim < need or sim <= self.verifier.guard(i):
                     near = near or (i, sim)
                     continue
-                best = (i, sim)
+                row = self._payload(i)
+                # re-checked against the row itself before serving: a row deleted by another
+                # replica, or its id handed out again (to any tenant), never answers for the
+                # entry it was
+                if row is None or row.tenant != req.tenant or row.context_fp != req.context_fp \
+                        or abs(row.created_at - m.created_at) > 1e-3:
+                    self._forget(i)
+                    idx.delete(i)
+                    continue
+                if not same_rest(req.text, row.prompt):
+                    continue  # the same question over another passage (``focus.py``)
+                if self.key_guard and not keys_agree(focus(req.text), focus(row.prompt)):
+                    with self._lock:
+                        self.stats[category].key_refused += 1
+                    continue  # another number, name, code or date: never the same answer
+                best = (i, sim, row)
                 break
             for i in expired:
                 self._delete_ids([i], reason="expired")
@@ -308,15 +328,7 @@ class SemanticCache(Maintenance, Feedback):
             k *= 4  # all close neighbours belonged to other contexts: look further
         if best is None:
             return None, near
-        entry_id, sim = best
-        row = self._payload(entry_id)
-        # re-checked against the row itself before serving: a row deleted by another replica,
-        # or its id handed out again (to any tenant), must never answer for the entry it was
-        if row is None or row.tenant != req.tenant or row.context_fp != req.context_fp or \
-                abs(row.created_at - self.meta[entry_id].created_at) > 1e-3:
-            self._forget(entry_id)
-            idx.delete(entry_id)
-            return None, near
+        entry_id, sim, row = best
         hit = CacheHit(entry_id, json.loads(row.response), float(sim), category,
                        now - row.created_at, row.prompt)
         # hit counters are bookkeeping: written off the request path, many hits per transaction
@@ -357,7 +369,7 @@ class SemanticCache(Maintenance, Feedback):
         stored: a truncated answer served from cache would be wrong every time.
         """
         self._check(req)
-        emb = self.embed(req.text) if embedding is None else embedding
+        emb = self.embed(focus(req.text)) if embedding is None else embedding
         category = category or self.router.categorize(emb, req.category, req.route)
         policy = self.policies[category]
         if error or finish_reason != "stop" or not policy.cacheable or \

@@ -74,6 +74,7 @@ class CategoryStats:
     uncovered_language: int = 0  # lookups served uncached: a language the embedder lacks
     verified: int = 0
     false_hits: int = 0
+    key_refused: int = 0  # candidates above threshold refused for differing hard keys
     latencies: deque = field(default_factory=lambda: deque(maxlen=2000))
 
     def as_dict(self) -> dict:
@@ -84,6 +85,7 @@ class CategoryStats:
                 "inserts": self.inserts, "evictions": self.evictions, "expired": self.expired,
                 "skipped": self.skipped, "uncovered_language": self.uncovered_language,
                 "verified": self.verified, "false_hits": self.false_hits,
+                "key_refused": self.key_refused,
                 "false_hit_rate_estimate": self.false_hits / self.verified if self.verified else None,
                 "latency_ms_p50": pct(0.5), "latency_ms_p99": pct(0.99)}
 
