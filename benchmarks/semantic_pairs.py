@@ -49,14 +49,18 @@ MATH_FORMS = [  # (form A, form B) of the same question
 ]
 
 
-def _pair(a, b, pos, domain, kind, ans_a=None, ans_b=None):
+SOURCE_OF = {"code": "templated code", "math": "templated math",
+             "conversation": "topical-chat", "support": "fow-cache"}
+
+
+def _pair(a, b, pos, domain, kind, ans_a=None, ans_b=None, source=None):
     """``ans_a`` / ``ans_b``: keys of the answers the two requests need (equal iff ``pos``);
     by default the texts themselves. A hit is right when the served entry's key is ``ans_b``,
     so a near-miss that happens to ask what *another* stored entry answers may hit that one."""
     ans_a = ans_a or f"{domain}:{a}"
     ans_b = ans_b or (ans_a if pos else f"{domain}:{b}")
     return {"a": a, "b": b, "pos": bool(pos), "domain": domain, "kind": kind,
-            "ans_a": ans_a, "ans_b": ans_b}
+            "ans_a": ans_a, "ans_b": ans_b, "source": source or SOURCE_OF.get(domain, domain)}
 
 
 def code_pairs(rng: random.Random, n: int) -> list[dict]:
@@ -111,8 +115,9 @@ def squad_pairs(rng: random.Random, n: int) -> list[dict]:
     out = []
     for p in paras[:n]:
         q1, q2, q3 = (q["question"] for q in rng.sample(p["qas"], 3))
-        out.append(_pair(q1, casual(q1, rng), True, "factual", "paraphrase"))
-        out.append(_pair(q2, q3, False, "factual", "same passage, other question"))
+        out.append(_pair(q1, casual(q1, rng), True, "factual", "paraphrase", source="squad"))
+        out.append(_pair(q2, q3, False, "factual", "same passage, other question",
+                         source="squad"))
     return out
 
 
@@ -124,8 +129,8 @@ def vitaminc_pairs(rng: random.Random, n: int) -> list[dict]:
         a, b = (t, f) if rng.random() < 0.5 else (f, t)
         ask = "Is it true that {}?".format
         a, b = ask(a.rstrip(" .")), ask(b.rstrip(" ."))
-        out.append(_pair(a, casual(a, rng), True, "factual", "paraphrase"))
-        out.append(_pair(a, b, False, "factual", "contrastive claim"))
+        out.append(_pair(a, casual(a, rng), True, "factual", "paraphrase", source="vitaminc"))
+        out.append(_pair(a, b, False, "factual", "contrastive claim", source="vitaminc"))
     return out
 
 

@@ -68,6 +68,11 @@ class Backend(ABC):
         """Refuse what this backend cannot do before anything is sent to the client (so a
         streamed request still gets a 400, not an error event)."""
 
+    def capabilities(self) -> dict:
+        """What the served model can do beyond plain chat (reported on ``/v1/models``, so a
+        client such as LlamaIndex can say truthfully whether it may send tools)."""
+        return {"tool_calling": False, "structured_output": False}
+
     @abstractmethod
     def health(self) -> bool: ...
 
@@ -186,6 +191,9 @@ class EmbeddedBackend(Backend):
             reason = "tool_calls" if calls and ch.finish_reason == "stop" else ch.finish_reason
             yield GenerationChunk(text + rest, ch.token_id, reason)
             return
+
+    def capabilities(self) -> dict:
+        return {"tool_calling": self.engine.tool_format.supported, "structured_output": True}
 
     def close(self) -> None:
         self.serving.close()
@@ -343,6 +351,11 @@ class SGLangBackend(Backend):
                                               for n, i in enumerate(sorted(calls))]
                     yield GenerationChunk(d.get("content") or "", None, ch.get("finish_reason"))
         return GenStream(chunks(), info)
+
+    def capabilities(self) -> dict:
+        # passed through to SGLang's OpenAI endpoint, which parses tool calls when it was
+        # started with a tool-call parser for its model
+        return {"tool_calling": True, "structured_output": True}
 
     def health(self) -> bool:
         try:

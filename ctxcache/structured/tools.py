@@ -122,6 +122,12 @@ class HermesFormat:
                 f"that has one (e.g. qwen2.5-coder-0.5b-instruct) or send the request without "
                 f"'tools'")
 
+    @property
+    def supported(self) -> bool:
+        if self._supported is None:
+            self._supported = self._probe()
+        return self._supported
+
     def _probe(self) -> bool:
         tok = self.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import APIRouter, Depends, Request
@@ -23,9 +24,10 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 @router.get("/v1/models")
 async def models(gw: Gateway = Depends(gw_dep), t: Tenant = Depends(tenant_dep)):
+    caps = await asyncio.to_thread(gw.backend.capabilities)
     return {"object": "list", "data": [
-        {"id": m, "object": "model", "created": int(gw.started), "owned_by": "ctxcache"}
-        for m in sorted(gw.model_names)]}
+        {"id": m, "object": "model", "created": int(gw.started), "owned_by": "ctxcache",
+         "capabilities": caps} for m in sorted(gw.model_names)]}
 
 
 @router.post("/v1/chat/completions", responses=STREAMING_RESPONSES)
