@@ -97,10 +97,76 @@ def measure(url: str, pid: int, unloaded_s: float = 8.0, overload_s: float = 15.
     }
 
 
+def burst(url: str, pid: int, n: int, max_tokens: int = 8, timeout_s: float = 120.0) -> dict:
+    """``n`` chats sent at the same instant (one asyncio client, ``n`` connections): how
+    fast the excess is refused, whether anything hangs, memory, and that the gateway serves
+    normally right after."""
+    import asyncio
+
+    async def run() -> list[tuple[int, float]]:
+        limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as c:
+            async def one_async(i: int) -> tuple[int, float]:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post("/v1/chat/completions", json={
+                        "model": "default", "max_tokens": max_tokens, "cache": False,
+                        "messages": [{"role": "user", "content": f"Count to three, {i}."}]})
+                    return r.status_code, time.perf_counter() - t0
+                except httpx.HTTPError:
+                    return -1, time.perf_counter() - t0
+            return await asyncio.gather(*(one_async(i) for i in range(n)))
+
+    rss_before = rss_mb(pid)
+    t0 = time.perf_counter()
+    results = asyncio.run(run())
+    wall = time.perf_counter() - t0
+    rss_after = rss_mb(pid)
+    refused = [d for s, d in results if s == 429]
+    q = statistics.quantiles(refused, n=100) if len(refused) >= 2 else [float("nan")] * 99
+    with httpx.Client(base_url=url, timeout=timeout_s) as c:
+        after, _ = one(c, -2, max_tokens)
+    return {"burst": n, "ok": sum(s == 200 for s, _ in results), "refused_429": len(refused),
+            "other_status": sorted({s for s, _ in results if s not in (200, 429)}),
+            "hung": sum(s == -1 for s, _ in results),
+            "refusal_p50_ms": q[49] * 1e3, "refusal_p99_ms": q[98] * 1e3,
+            "refusal_max_ms": max(refused) * 1e3 if refused else None,
+            "wall_s": wall, "status_after": after,
+            "rss_mb_before": rss_before, "rss_mb_after": rss_after}
+
+
+def bad_requests(url: str, pid: int, n: int = 1000) -> dict:
+    """Resident memory before and after ``n`` malformed requests of the reported kinds."""
+    bodies = [
+        {"model": "default", "messages": [{"role": "user", "content": [{"type": "text",
+                                                                        "text": None}]}]},
+        {"model": "default", "messages": [{"role": "user", "content": "x"}],
+         "temperature": 5e-324, "max_tokens": 10**9},
+        {"model": "default", "messages": [{"role": "user", "content": "hi"}] * 20_000},
+        {"model": "default", "messages": [{"role": "user", "content": "a\u0000b"}]},
+    ]
+    latencies = []
+    with httpx.Client(base_url=url, timeout=60) as c:
+        c.get("/v1/models")
+        before = rss_mb(pid)
+        codes = set()
+        for i in range(n):
+            t0 = time.perf_counter()
+            r = c.post("/v1/chat/completions", json=bodies[i % len(bodies)])
+            latencies.append(time.perf_counter() - t0)
+            codes.add(r.status_code)
+        after = rss_mb(pid)
+    q = statistics.quantiles(latencies, n=100)
+    return {"requests": n, "statuses": sorted(codes), "rss_mb_before": before,
+            "rss_mb_after": after, "rss_growth": after / before - 1.0,
+            "refusal_p50_ms": q[49] * 1e3, "refusal_p99_ms": q[98] * 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--factor", type=float, default=10.0)
+    ap.add_argument("--bursts", default="200,1000", help="simultaneous-burst sizes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from ctxcache_client.testing import live_gateway
@@ -108,10 +174,17 @@ def main() -> None:
     with live_gateway() as url:
         pid = _server_pid(url)
         res = measure(url, pid, overload_s=args.seconds, factor=args.factor)
+        bursts = [burst(url, pid, int(b)) for b in args.bursts.split(",") if b]
+        bad = bad_requests(url, pid)
     print_table("overload: open-loop arrivals at "
                 f"{args.factor:g}× the sustainable rate for {args.seconds:g}s",
                 ["metric", "value"], [[k, v] for k, v in res.items()])
-    write_json("reliability", {"benchmark": "reliability", "overload": res}, args.out)
+    keys = [k for k in bursts[0] if k != "burst"] if bursts else []
+    print_table("simultaneous bursts", ["metric"] + [f"burst {b['burst']}" for b in bursts],
+                [[k] + [b[k] for b in bursts] for k in keys])
+    print_table("1,000 malformed requests", ["metric", "value"], [[k, v] for k, v in bad.items()])
+    write_json("reliability", {"benchmark": "reliability", "overload": res, "bursts": bursts,
+                               "bad_requests": bad}, args.out)
 
 
 def _server_pid(url: str) -> int:

@@ -11,7 +11,9 @@ Batch size is 1 throughout (one request's prompt); the service batches across re
 
 from __future__ import annotations
 
+import bisect
 import json
+import os
 import threading
 from typing import Iterable, Sequence
 
@@ -319,24 +321,32 @@ class Engine(LayerSteps):
                                         **kw)
         mark = "\ue000"
         cuts: list[int] = []
-        if mark not in plain and len(messages) > 1:
-            marked = [dict(m, content=m["content"] + mark) if i < len(messages) - 1 else m
-                      for i, m in enumerate(messages)]
+        if mark not in plain:
+            # every message, the last one too: the next turn resends it and reuses up to its
+            # end; an empty content stays empty (templates branch on "if message.content")
+            marked = [dict(m, content=m["content"] + mark) if m["content"] else m
+                      for m in messages]
             text = tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False,
                                            **kw)
-            pos, removed = [], 0
+            # a marker counts while the text before it is the plain rendering's
+            same = len(os.path.commonprefix([text.replace(mark, ""), plain]))
+            removed = 0
             for i, ch in enumerate(text):
-                if ch == mark:
-                    pos.append(i - removed)
-                    removed += 1
-            if text.replace(mark, "") == plain:
-                cuts = pos
+                if ch != mark:
+                    continue
+                pos = i - removed
+                removed += 1
+                if pos > same:
+                    break
+                cuts.append(pos)
         if cuts and getattr(tok, "is_fast", False):
             enc = tok(plain, add_special_tokens=False, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
-            starts = {int(a): j for j, (a, b) in enumerate(enc["offset_mapping"])
-                      if j == 0 or enc["offset_mapping"][j - 1][1] <= a}
-            token_cuts = sorted({starts[c] for c in cuts if c in starts and starts[c] > 0})
+            starts = [int(a) for a, _ in enc["offset_mapping"]]
+            # the token that starts at or before each cut (the chained segment keys make a
+            # boundary that moved by a token a cache miss, never a wrong reuse)
+            token_cuts = sorted({j for j in (bisect.bisect_right(starts, c) - 1 for c in cuts)
+                                 if j > 0})
             return ids, token_cuts
         return list(tok(plain, add_special_tokens=False)["input_ids"]), []
 

@@ -5,11 +5,13 @@ nor Hamlet from Macbeth in the same question frame: the embedding sees one chang
 familiar sentence. But the answer depends on exactly that token. So besides the similarity
 threshold, two prompts must agree on their *hard keys*:
 
-- numbers (``1,000`` = ``1000``; ordinals by their number), and a unit written right after one;
+- numbers (``1,000`` = ``1000``; ordinals by their number), and a unit written right after one
+  (from a list, synonyms folded: ``70%`` = ``70 percent``, ``10 km`` = ``10 kilometres``);
 - codes and identifiers: tokens mixing letters with digits (``A320``, ``COVID-19``, ``v2.1``),
   ``snake_case`` / ``camelCase`` / dotted names, e-mail addresses and URLs;
 - quoted strings;
-- names: capitalised words that are not a common sentence opener, and all-caps acronyms;
+- names: capitalised words inside a sentence (not its first word, which is most often an
+  ordinary word such as "Divide" or "Guess"), and all-caps acronyms anywhere;
 - month and weekday names, in any letter case.
 
 Numbers must match as sets. Every other key of either prompt must occur as a word (or, for a
@@ -28,7 +30,24 @@ from functools import lru_cache
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?(?:st|nd|rd|th)?(?![\w])|"
                      r"(?<![\w.])[-+]?\.\d+(?![\w])")
-_NUMBER_UNIT = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?\s?([A-Za-z%°µ][A-Za-z/²³]{0,11})\b")
+_NUMBER_UNIT = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?\s?(%|°[CF]?|[A-Za-zµ$€£][A-Za-z/²³]{0,11})")
+# units written after a number (a fixed list: "76 multiplied by" is not a unit); synonyms map to
+# one key so "70%" and "70 percent" agree
+_UNITS = {u: u for u in """km m cm mm nm kg g mg µg lb lbs oz t mi ft yd l ml gal kw w kwh mw v
+a mah hz khz mhz ghz mph kmh km/h kph s ms sec secs min mins h hr hrs kb mb gb tb pb kib mib gib
+tib px pt dpi usd eur gbp jpy cny inr btc eth bps rpm psi bar pa kpa atm cal kcal j kj""".split()}
+_UNITS.update({"%": "percent", "percent": "percent", "pct": "percent", "°": "degrees",
+               "°c": "celsius", "celsius": "celsius", "°f": "fahrenheit",
+               "fahrenheit": "fahrenheit", "degrees": "degrees", "$": "usd", "€": "eur",
+               "£": "gbp", "dollars": "usd", "euros": "eur", "pounds": "lb", "kilometers": "km",
+               "kilometres": "km", "meters": "m", "metres": "m", "miles": "mi", "mile": "mi",
+               "feet": "ft", "foot": "ft", "inches": "inch", "inch": "inch", "kilograms": "kg",
+               "grams": "g", "liters": "l", "litres": "l", "seconds": "s", "second": "s",
+               "minutes": "min", "minute": "min", "hours": "h", "hour": "h", "days": "day",
+               "day": "day", "weeks": "week", "week": "week", "months": "month",
+               "month": "month", "years": "year", "year": "year", "gigabytes": "gb",
+               "megabytes": "mb", "kilobytes": "kb", "bytes": "byte", "volts": "v",
+               "watts": "w", "am": "am", "pm": "pm"})
 _DIGITS_IN = re.compile(r"\d")
 _QUOTED = re.compile(r"\"([^\"]{1,200})\"|“([^”]{1,200})”|«([^»]{1,200})»|`([^`]{1,200})`|"
                      r"(?<![\w])'([^']{2,200})'(?![\w])")
@@ -56,10 +75,11 @@ class HardKeys:
     numbers: frozenset[str]
     words: frozenset[str]  # keys that must occur as a word in the other prompt
     phrases: frozenset[str]  # quoted strings that must occur as text in the other prompt
+    units: frozenset[str] = frozenset()  # units after numbers, synonyms folded
 
     @property
     def empty(self) -> bool:
-        return not (self.numbers or self.words or self.phrases)
+        return not (self.numbers or self.words or self.phrases or self.units)
 
 
 def _norm_number(s: str) -> str:
@@ -79,10 +99,11 @@ def _norm_word(w: str) -> str:
 def hard_keys(text: str) -> HardKeys:
     numbers = {_norm_number(m.group(0)) for m in _NUMBER.finditer(text)}
     words: set[str] = set()
+    units = set()
     for m in _NUMBER_UNIT.finditer(text):
-        unit = m.group(1)
-        if unit.lower() not in _OPENERS:
-            words.add(unit.lower())
+        unit = _UNITS.get(m.group(1).lower())
+        if unit is not None:
+            units.add(unit)
     phrases = {_norm_word(next(g for g in m.groups() if g)) for m in _QUOTED.finditer(text)}
     phrases.discard("")
     for m in _WORD.finditer(text):
@@ -99,11 +120,17 @@ def hard_keys(text: str) -> HardKeys:
             words.add(low)
         elif len(w) >= 2 and w.isupper() and w.isalpha():
             words.add(low)  # acronyms
-        elif w[:1].isupper() and low not in _OPENERS:
-            # names; a capitalised sentence opener that is not one costs nothing, since a key
-            # only has to occur somewhere in the other prompt
+        elif w[:1].isupper() and low not in _OPENERS and not _starts_sentence(text, m.start()):
+            # names; a capitalised first word of a sentence is most often an ordinary word
+            # ("Divide 310 by 44", "Guess what"), so only codes and acronyms count there
             words.add(low)
-    return HardKeys(frozenset(numbers), frozenset(words), frozenset(phrases))
+    return HardKeys(frozenset(numbers), frozenset(words), frozenset(phrases),
+                    frozenset(units))
+
+
+def _starts_sentence(text: str, at: int) -> bool:
+    head = text[:at].rstrip(" \t\"'“([")
+    return not head or head[-1] in ".!?:;\n"
 
 
 @lru_cache(maxsize=65_536)
@@ -123,7 +150,7 @@ def _covered(keys: HardKeys, other: str) -> bool:
 def keys_agree(a: str, b: str) -> bool:
     """Whether two prompts agree on every hard key (see the module docstring)."""
     ka, kb = hard_keys(a), hard_keys(b)
-    if ka.numbers != kb.numbers:
+    if ka.numbers != kb.numbers or ka.units != kb.units:
         return False
     return _covered(ka, b) and _covered(kb, a)
 
@@ -131,7 +158,7 @@ def keys_agree(a: str, b: str) -> bool:
 def differing_keys(a: str, b: str) -> list[str]:
     """The keys that keep ``a`` and ``b`` apart (for logs and explanations)."""
     ka, kb = hard_keys(a), hard_keys(b)
-    out = sorted(ka.numbers ^ kb.numbers)
+    out = sorted(ka.numbers ^ kb.numbers) + sorted(ka.units ^ kb.units)
     va, vb = _vocabulary(a)[0], _vocabulary(b)[0]
     out += sorted(w for w in ka.words if w not in vb) + sorted(w for w in kb.words if w not in va)
     return out

@@ -1,0 +1,150 @@
+"""Reuse in an agent loop: step N+1 resends the whole conversation plus the new tool result.
+
+An agent with tools (``--tools`` OpenAI function specs rendered by the model's own template)
+runs ``--steps`` steps. Each step appends the assistant's tool call and the tool's result (a
+real SQuAD v1.1 paragraph, ~150-200 tokens) and asks the model for the next step, exactly as an
+agent framework does through ``/v1/chat/completions``. The request goes through the gateway's
+embedded backend (``EmbeddedBackend``: chat template → per-message segments → ``prefix``
+strategy over the chunk K/V store → the batched serving engine).
+
+Per step, side by side on one model object:
+
+* **reuse** — one tenant for the whole loop: the previous steps' segments are in the store, so
+  only the new messages are prefilled;
+* **full** — a fresh tenant every step: nothing cached, the whole prompt is prefilled.
+
+Reported: prompt tokens, tokens served from cache, TTFT of both, their ratio, and whether the
+first ``--tokens`` greedy tokens agree (prefix reuse is exact: they must).
+
+    python benchmarks/agent_loop.py                                  # CPU, Qwen2.5-Coder-0.5B
+    python benchmarks/agent_loop.py --device cuda --dtype bfloat16 --model <dir or gguf>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from ctxcache.datasets import squad_dev  # noqa: E402
+from ctxcache.engine import Engine, SamplingParams  # noqa: E402
+from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
+from ctxcache.service.backends import EmbeddedBackend, GenRequest  # noqa: E402
+from ctxcache.structured import parse_tool_spec  # noqa: E402
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "search", "description": "Search the encyclopedia; returns one paragraph.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                       "required": ["query"]}}},
+    {"type": "function", "function": {
+        "name": "open_page", "description": "Open an encyclopedia page by its title.",
+        "parameters": {"type": "object", "properties": {"title": {"type": "string"}},
+                       "required": ["title"]}}},
+]
+
+
+def episode(rng: random.Random, steps: int) -> tuple[str, list[tuple[dict, str]]]:
+    """(question, [(tool call, tool result)] * steps) from one SQuAD article."""
+    arts = [a for a in squad_dev() if len(a["paragraphs"]) >= steps + 1]
+    art = rng.choice(arts)
+    question = art["paragraphs"][0]["qas"][0]["question"]
+    out = []
+    for i, p in enumerate(art["paragraphs"][1:steps + 1]):
+        call = {"id": f"call_{i}", "type": "function", "function": {
+            "name": "search", "arguments": json.dumps({"query": f"{art['title']} part {i}"})}}
+        out.append((call, p["context"]))
+    return question, out
+
+
+def run_step(backend: EmbeddedBackend, messages: list[dict], tenant: str, tokens: int,
+             tools) -> dict:
+    req = GenRequest(SamplingParams(max_tokens=tokens), tenant, messages=messages,
+                     tools=tools)
+    backend.check(req)
+    t0 = time.perf_counter()
+    stream = backend.generate(req)
+    first, ids = None, []
+    for ch in stream.chunks:
+        if first is None:
+            first = time.perf_counter() - t0
+        if ch.token_id is not None:
+            ids.append(ch.token_id)
+        if ch.finish_reason:
+            break
+    return {"ttft_s": first, "prompt_tokens": stream.info.get("prompt_tokens", 0),
+            "cached_tokens": stream.info.get("cached_tokens", 0), "ids": ids}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--episodes", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype,
+                                                                          args.dtype)
+    engine = Engine.load(args.model, device=args.device, dtype=getattr(torch, dtype))
+    store = KVStore([MemoryTier(8 << 30)])
+    backend = EmbeddedBackend(engine, store, max_running=1)
+    tools = parse_tool_spec(TOOLS, "auto", None)
+    rng = random.Random(args.seed)
+    system = {"role": "system", "content": "You are a research agent. Use the tools to find "
+                                           "facts, then answer in one sentence."}
+    # warm-up: kernels, allocator, template
+    run_step(backend, [system, {"role": "user", "content": "warm up"}], "warm", 2, tools)
+    per_step: dict[int, dict[str, list]] = {}
+    agree = total = 0
+    for e in range(args.episodes):
+        question, turns = episode(rng, args.steps)
+        msgs = [system, {"role": "user", "content": question}]
+        for k in range(args.steps + 1):
+            reuse = run_step(backend, msgs, f"loop-{e}", args.tokens, tools)
+            full = run_step(backend, msgs, f"full-{e}-{k}", args.tokens, tools)
+            rec = per_step.setdefault(k, {"reuse": [], "full": [], "prompt": [], "cached": []})
+            rec["reuse"].append(reuse["ttft_s"])
+            rec["full"].append(full["ttft_s"])
+            rec["prompt"].append(reuse["prompt_tokens"])
+            rec["cached"].append(reuse["cached_tokens"])
+            agree += reuse["ids"] == full["ids"]
+            total += 1
+            if k < len(turns):
+                call, result = turns[k]
+                msgs = msgs + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                               {"role": "tool", "tool_call_id": call["id"], "content": result}]
+    rows, steps_out = [], []
+    for k, r in sorted(per_step.items()):
+        ru, fu = statistics.median(r["reuse"]), statistics.median(r["full"])
+        row = {"step": k, "prompt_tokens": int(statistics.median(r["prompt"])),
+               "cached_tokens": int(statistics.median(r["cached"])),
+               "ttft_reuse_ms": ru * 1e3, "ttft_full_ms": fu * 1e3, "speedup": fu / ru}
+        steps_out.append(row)
+        rows.append(list(row.values()))
+    print_table(f"agent loop — {args.model} on {args.device}, {args.episodes} episodes, "
+                f"median TTFT per step", ["step", "prompt tok", "cached tok", "TTFT reuse ms",
+                                          "TTFT full ms", "full / reuse"], rows)
+    print(f"  first {args.tokens} greedy tokens equal to full prefill: {agree}/{total}")
+    backend.close()
+    write_json(f"agent_loop_{engine.name}_{args.device.split(':')[0]}", {
+        "benchmark": "agent_loop", "model": engine.name, "device": args.device,
+        "dtype": dtype, "episodes": args.episodes, "steps": steps_out,
+        "greedy_agreement": f"{agree}/{total}", "environment": environment(args.device)},
+        args.out)
+
+
+if __name__ == "__main__":
+    main()
