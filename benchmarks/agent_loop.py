@@ -132,8 +132,10 @@ def main() -> None:
         row = {"step": k, "prompt_tokens": int(statistics.median(r["prompt"])),
                "cached_tokens": int(statistics.median(r["cached"])),
                "ttft_reuse_ms": ru * 1e3, "ttft_full_ms": fu * 1e3, "speedup": fu / ru}
-        steps_out.append(row)
         rows.append(list(row.values()))
+        row["ttft_reuse_ms_each"] = [round(x * 1e3, 2) for x in r["reuse"]]
+        row["ttft_full_ms_each"] = [round(x * 1e3, 2) for x in r["full"]]
+        steps_out.append(row)
     print_table(f"agent loop — {args.model} on {args.device}, {args.episodes} episodes, "
                 f"median TTFT per step", ["step", "prompt tok", "cached tok", "TTFT reuse ms",
                                           "TTFT full ms", "full / reuse"], rows)

@@ -265,7 +265,7 @@ def main() -> None:
            "mask_time": masks, "environment": environment(args.device)}
     d = Path(args.out) if args.out else Path(__file__).parent / "results"
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"structured_{args.model.split('/')[-1]}_{args.device}.json"
+    path = d / f"structured_{engine.name}_{args.device.split(':')[0]}.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 

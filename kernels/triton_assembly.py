@@ -10,7 +10,7 @@ from ctxcache.kernels.triton_layer import _rotate
 
 
 # ---------------------------------------------------------------------------- assembly
-@triton.jit
+@triton.jit(do_not_specialize=['N'])
 def _assemble_kernel(K, V, OFF_K, OFF_V, SRC_T, SLOT_SRC, SLOT_TOK, SLOT_DELTA, inv_freq, N,
                      H, layer0, s_kl, s_kh, s_kt,
                      HALF: tl.constexpr, BLOCK_T: tl.constexpr, SHIFT: tl.constexpr):

@@ -70,7 +70,7 @@ def _attn_block_full(start_n, q, m_i, l_i, acc, K, V, kvh, skh, skt, svh, svt, q
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['Tq', 'Tk', 'n_tiles'])
 def _sel_attn_kernel(Q, K, V, O, qpos, kpos, bias, bounds, scale, Tq, Tk, n_tiles,
                      sqh, sqt, skh, skt, svh, svt, soh, sot,
                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, D: tl.constexpr,

@@ -19,7 +19,7 @@ def _rotate(x1, x2, pos, inv_freq, HALF: tl.constexpr):
     return x1 * c - x2 * s, x2 * c + x1 * s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n_rows', 'T'])
 def _rope_shift_kernel(K, delta, inv_freq, n_rows, T, stride_row, stride_t,
                        HALF: tl.constexpr, BLOCK_T: tl.constexpr):
     row = tl.program_id(0)  # (layer, head) flattened
@@ -126,7 +126,7 @@ def silu_mul(gu: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- RoPE on Q/K/V
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def _rope_qkv_kernel(QKV, POS, inv_freq, K, V, SLOTS, T, s_row, HQ, HKV, s_kh, s_kt, scaling,
                      HALF: tl.constexpr, BLOCK_T: tl.constexpr, SCATTER: tl.constexpr,
                      SCALE: tl.constexpr):
@@ -183,7 +183,7 @@ def rope_qkv(qkv: Tensor, pos: Tensor, inv_freq: Tensor, hq: int, hkv: int,
 
 
 # ---------------------------------------------------------------------------- deviation at slots
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def _kv_dev_at_kernel(KN, VN, KO, VO, SLOTS, out, T, s_nh, s_nt, s_oh, s_ot,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
                       HAS_SLOTS: tl.constexpr):
@@ -244,7 +244,7 @@ def kv_deviation(k_new: Tensor, v_new: Tensor, k_old: Tensor, v_old: Tensor) -> 
 
 
 # ---------------------------------------------------------------------------- scatter
-@triton.jit
+@triton.jit(do_not_specialize=['n'])
 def _scatter_kernel(K, V, idx, KR, VR, n, s_h, s_t, r_h, r_t, D: tl.constexpr):
     i = tl.program_id(0)
     h = tl.program_id(1)

@@ -19,7 +19,7 @@ from torch import Tensor
 from ctxcache.kernels.triton_splitk import _combine_kernel, _sm_count, _store_partial
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['B', 'S'])
 def _paged_decode_kernel(Q, K, V, OP, LP, TABLES, LENS, CS, CE, TEMP, scale, B, Hq, s_qb, s_qh,
                          s_kh, s_kt, s_vh, s_vt, s_tb, S, GROUP: tl.constexpr,
                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -15,7 +15,7 @@ from ctxcache.kernels.triton_attention import (
 )
 
 # ---------------------------------------------------------------------------- split-K attention
-@triton.jit
+@triton.jit(do_not_specialize=['Tq'])
 def _split_attn_kernel(Q, K, V, OP, LP, qpos, kpos, kv_hi, SLO, SHI, SSCALE, Tq, Hq,
                        sqh, sqt, skh, skt, svh, svt,
                        GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -56,7 +56,7 @@ def _store_partial(OP, LP, base, acc, l_i, m_i, mask, D: tl.constexpr):
     tl.store(LP + base, lse, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['n_rows', 'S'])
 def _combine_kernel(OP, LP, SGRP, O, n_rows, S, sot, soh, Hq, temperature, log_scale,
                     HAS_GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                     PER_QUERY: tl.constexpr = False):
