@@ -15,6 +15,18 @@ QWEN = "qwen2.5-coder-0.5b-instruct"
 POPULATIONS = {"springfield": 167_882, "shelbyville": 64_013}
 
 
+def population_tool():
+    """A real lookup tool and the list of cities it was called with."""
+    calls = []
+
+    def population(city: str) -> str:
+        """The number of inhabitants of a city."""
+        calls.append(city)
+        return str(POPULATIONS.get(city.lower(), "unknown"))
+
+    return calls, population
+
+
 @pytest.fixture(scope="module")
 def qwen_base():
     with live_gateway(env={"CTXCACHE_MODEL": QWEN, "CTXCACHE_SEMANTIC_CACHE": "false"}) as url:
@@ -30,13 +42,7 @@ def test_function_calling_reported_truthfully(gateway_url, qwen_base):
 
 
 def test_chat_with_tools_returns_a_parsed_call(qwen_base):
-    calls = []
-
-    def population(city: str) -> str:
-        """The number of inhabitants of a city."""
-        calls.append(city)
-        return str(POPULATIONS.get(city.lower(), "unknown"))
-
+    calls, population = population_tool()
     llm = CtxCache(model=QWEN, api_base=qwen_base, max_tokens=96, temperature=0.0)
     tool = FunctionTool.from_defaults(population)
     resp = llm.chat_with_tools([tool], user_msg="How many people live in Springfield?",
@@ -47,13 +53,7 @@ def test_chat_with_tools_returns_a_parsed_call(qwen_base):
 
 
 def test_function_agent_uses_the_tool(qwen_base):
-    calls = []
-
-    def population(city: str) -> str:
-        """The number of inhabitants of a city."""
-        calls.append(city)
-        return str(POPULATIONS.get(city.lower(), "unknown"))
-
+    calls, population = population_tool()
     llm = CtxCache(model=QWEN, api_base=qwen_base, max_tokens=96, temperature=0.0)
     agent = FunctionAgent(tools=[FunctionTool.from_defaults(population)], llm=llm,
                           system_prompt="Answer with the population tool, then reply in one "
