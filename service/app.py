@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ctxcache.service.errors import APIError, error_body, install_handlers  # noqa: F401
-from ctxcache.service.limits import BodyLimit
+from ctxcache.service.limits import BodyLimit, ShedWhenFull
 from ctxcache.service.gateway import Gate, Gateway, Tenant  # noqa: F401 - public names
 from ctxcache.service.routes import agents, cache, documents, health, openai, rag
 from ctxcache.service.settings import Settings
@@ -34,6 +34,8 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
     app.state.gw = gateway
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes_of=lambda: settings.max_body_bytes)
+    app.add_middleware(ShedWhenFull, gate_of=lambda: getattr(
+        getattr(app.state, "gw", None), "gate", None))
     for module in (health, openai, documents, rag, agents, cache):
         app.include_router(module.router)
     return app

@@ -53,6 +53,7 @@ ERROR_RESPONSES: dict = {
     404: _doc("unknown model, document, session or disabled feature"),
     429: _doc("rate limit or queue full", retry=True),
     503: _doc("inference backend unavailable", retry=True),
+    504: _doc("request ran past the server's request_timeout_s (generation stopped)"),
 }
 
 

@@ -70,3 +70,35 @@ class BodyLimit:
                 start, body = _reply(limit)
                 await send(start)
                 await send({"type": "http.response.body", "body": body})
+
+
+SHED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/rag", "/v1/documents")
+
+
+class ShedWhenFull:
+    """429 before the body is read or validated when every lookup place is taken.
+
+    The pipeline would refuse such a request anyway once it reaches ``admit_lookup``; refusing it
+    here skips JSON parsing, validation and routing, which under a burst of a thousand requests
+    were most of the time a refusal took."""
+
+    def __init__(self, app, gate_of):
+        self.app = app
+        self.gate_of = gate_of  # callable: the gateway's Gate, or None before start-up
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            path = scope.get("path", "")
+            gate = self.gate_of()
+            if gate is not None and (path in SHED_PATHS or (
+                    path.startswith("/v1/agents/sessions/") and path.endswith("/generate"))) \
+                    and gate.looking >= gate.max_lookups:
+                body = json.dumps({"error": {
+                    "message": "server busy: request queue is full",
+                    "type": "rate_limit_error", "param": None, "code": "queue_full"}}).encode()
+                await send({"type": "http.response.start", "status": 429, "headers": [
+                    (b"content-type", b"application/json"), (b"retry-after", b"1"),
+                    (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -211,11 +211,18 @@ async def run_stream(gw: Gateway, req: GenRequest, request: Request | None
 
     threading.Thread(target=work, daemon=True, name="generate").start()
 
+    deadline = time.monotonic() + gw.settings.request_timeout_s
+
     async def events():
         try:
             while True:
                 if request is not None and await request.is_disconnected():
                     cancel.set()
+                if time.monotonic() > deadline:  # no request holds a slot past its bound
+                    cancel.set()
+                    raise APIError(504, f"request exceeded this server's limit of "
+                                   f"{gw.settings.request_timeout_s:g} s", "server_error",
+                                   "timeout")
                 try:
                     item = await asyncio.wait_for(q.get(), timeout=0.25)
                 except asyncio.TimeoutError:

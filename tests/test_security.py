@@ -302,3 +302,21 @@ def test_starts_degraded_while_database_is_down(engine, tmp_path):
         srv.stop()
         gw.close()
 
+
+
+def test_no_request_holds_the_engine_past_its_bound(engine, embedder, tmp_path):
+    gw = make_gateway(tmp_path, engine, embedder, request_timeout_s=1.0)
+    s = Server(create_app(gateway=gw))
+    try:
+        t0 = time.perf_counter()
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "max_tokens": 2000, "cache": False,
+            "messages": [{"role": "user", "content": "Write a very long story about ships."}]})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert time.perf_counter() - t0 < 10
+        ok = httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "max_tokens": 2, "cache": False,
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200
+    finally:
+        s.stop()
