@@ -59,11 +59,12 @@ from ctxcache.semantic.verified import AnswerJudge, EmbeddingJudge, VerifiedThre
 log = logging.getLogger(__name__)
 
 CANDIDATES = 8
-# a context with at most this many entries is searched exactly (its vectors scored directly)
-# rather than through the graph: a question stored under many documents gives many identical
-# vectors, which HNSW's neighbour heuristic links poorly, so the graph could not reach the one
-# entry of the asked context (and hnswlib raised when it found fewer than k live entries)
-EXACT_SCAN_MAX = 4096
+# where the graph search may have missed the asked context's entries, a context with at most
+# this many entries is scored exactly (its vectors read back from the graph, ~30 µs each): a
+# question stored under many documents gives many identical vectors, which HNSW's neighbour
+# heuristic links poorly, so the graph could not reach the one entry of the asked context
+# (and hnswlib raised when it found fewer than k live entries)
+EXACT_SCAN_MAX = 256
 HIT_WRITE_DELAY_S = 0.5  # hit counters reach SQL within this
 # built once: constructing the statement per lookup cost as much as running it
 _PAYLOAD = select(SemanticEntry.response, SemanticEntry.created_at, SemanticEntry.prompt,
@@ -270,12 +271,13 @@ class SemanticCache(Maintenance, Feedback):
         near = None
         with self._lock:
             same_context = list(self._by_context.get((req.tenant, req.context_fp), ()))
-        exact = len(same_context) <= EXACT_SCAN_MAX
+        exact = False
         while True:
             if exact:  # every entry of this context, scored exactly
                 ids, sims = idx.exact(emb, same_context)
             else:
                 ids, sims = idx.query(emb, k)
+            short = len(ids) < min(k, len(idx))  # the graph could not return k live entries
             expired, best = [], None
             for i, sim in zip(ids.tolist(), sims.tolist()):
                 if sim < floor:
@@ -322,8 +324,16 @@ class SemanticCache(Maintenance, Feedback):
                 break
             for i in expired:
                 self._delete_ids([i], reason="expired")
-            if exact or best is not None or k >= len(idx) or \
-                    (len(sims) and sims[-1] < threshold):
+            if exact or best is not None:
+                break
+            if k >= len(idx) or short or (len(sims) and sims[-1] < threshold):
+                # graph search done; where it may have missed an entry of this context (it
+                # returned fewer than asked, or every neighbour it reached was above the
+                # threshold yet none was of this context), score that context exactly
+                if near is None and same_context and len(same_context) <= EXACT_SCAN_MAX \
+                        and (short or (len(sims) and sims[-1] >= threshold)):
+                    exact = True
+                    continue
                 break
             k *= 4  # all close neighbours belonged to other contexts: look further
         if best is None:
