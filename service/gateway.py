@@ -19,29 +19,63 @@ log = logging.getLogger("ctxcache.gateway")
 
 
 class QueueFull(Exception):
-    pass
+    """No place in the queue; ``args[0]`` is the suggested Retry-After in seconds."""
+
+    @property
+    def retry_after(self) -> int:
+        return int(self.args[0]) if self.args else 1
 
 
 class Gate:
-    """Bounded admission: ``max_concurrency`` generations run, ``max_queue`` wait, more → 429."""
+    """Bounded admission: ``max_concurrency`` generations run, the rest wait, more → 429.
+
+    Two bounds on the wait. ``max_queue`` caps how many requests wait; ``max_queue_wait_s`` caps
+    how long a newcomer would wait for a slot, estimated from the measured service time of
+    recent requests (an EWMA of slot hold times, which grows with batch size under load):
+    ``(waiting + 1) × service_time / max_concurrency`` when every slot is taken. Why both: on a
+    slow machine 32 queued requests can mean a minute's wait, and a client is better served by a
+    429 with a Retry-After it can act on than by a request that hangs. The estimate is an
+    approximation (it assumes slots free evenly spaced); it is only used to refuse early.
+    """
+
+    EWMA = 0.2  # weight of the newest slot hold time in the service-time estimate
 
     def __init__(self, max_concurrency: int, max_queue: int, metrics: Metrics,
-                 max_lookups: int = 32):
+                 max_lookups: int = 32, max_queue_wait_s: float | None = None):
         self.sem = threading.BoundedSemaphore(max_concurrency)
+        self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.max_lookups = max_lookups
+        self.max_queue_wait_s = max_queue_wait_s
         self.looking = 0
         self.waiting = 0
         self.running = 0
+        self.service_s: float | None = None  # EWMA of how long a request holds a slot
+        self._held: dict[int, float] = {}
         self.lock = threading.Lock()
         self.metrics = metrics
+
+    def expected_wait_s(self) -> float:
+        """Estimated seconds a request arriving now waits for a slot (0 while one is free)."""
+        if self.running + self.waiting < self.max_concurrency or self.service_s is None:
+            return 0.0
+        return (self.waiting + 1) * self.service_s / self.max_concurrency
 
     def enter(self) -> None:
         with self.lock:
             if self.waiting >= self.max_queue:
-                raise QueueFull()
+                raise QueueFull(self._retry_after())
+            wait = self.expected_wait_s()
+            if self.max_queue_wait_s is not None and wait > self.max_queue_wait_s:
+                raise QueueFull(self._retry_after())
             self.waiting += 1
             self.metrics.queue_depth.set(self.waiting)
+
+    def _retry_after(self) -> int:
+        """Whole seconds until a slot is likely to free (at least 1)."""
+        if self.service_s is None:
+            return 1
+        return max(1, int(self.service_s / self.max_concurrency + 0.999))
 
     def enter_lookup(self) -> None:
         """A place among the requests being looked up in the semantic cache (the stage before
@@ -49,7 +83,7 @@ class Gate:
         embedding, while hits keep being served when only the generation queue is full."""
         with self.lock:
             if self.looking >= self.max_lookups:
-                raise QueueFull()
+                raise QueueFull(1)
             self.looking += 1
 
     def leave_lookup(self) -> None:
@@ -64,6 +98,7 @@ class Gate:
                     return False
             with self.lock:
                 self.running += 1
+                self._held[threading.get_ident()] = time.monotonic()
                 self.metrics.in_flight.set(self.running)
             return True
         finally:
@@ -74,6 +109,11 @@ class Gate:
     def release(self) -> None:
         with self.lock:
             self.running -= 1
+            t0 = self._held.pop(threading.get_ident(), None)
+            if t0 is not None:
+                held = time.monotonic() - t0
+                self.service_s = held if self.service_s is None else (
+                    (1 - self.EWMA) * self.service_s + self.EWMA * held)
             self.metrics.in_flight.set(self.running)
         self.sem.release()
 
@@ -109,7 +149,7 @@ class Gateway:
         self.keys = KeyStore(self.db)
         self.rate = RateLimiter()
         self.gate = Gate(settings.concurrency, settings.max_queue, self.metrics,
-                         settings.max_lookups)
+                         settings.max_lookups, settings.max_queue_wait_s)
         serving = getattr(self.backend, "serving", None)
         if serving is not None:
             self.metrics.watch_engine(serving)

@@ -144,18 +144,18 @@ def explore(gw: Gateway, res, text: str, finish: str) -> None:
 
 
 # ---------------------------------------------------------------------------- generation
-def busy() -> APIError:
+def busy(retry_after: int = 1) -> APIError:
     return APIError(429, "server busy: request queue is full", "rate_limit_error",
-                    "queue_full", headers={"Retry-After": "1"})
+                    "queue_full", headers={"Retry-After": str(retry_after)})
 
 
 def admit(gw: Gateway) -> None:
     """Take a place in the generation queue or refuse with 429."""
     try:
         gw.gate.enter()
-    except QueueFull:
+    except QueueFull as e:
         gw.metrics.rejected.labels("queue_full").inc()
-        raise busy() from None
+        raise busy(e.retry_after) from None
 
 
 def admit_lookup(gw: Gateway) -> None:

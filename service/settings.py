@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     kv_block_size: int = Field(16, ge=1, le=1024)
     cuda_graphs: bool = True  # decode steps replayed as CUDA graphs per batch-size bucket
     max_queue: int = 32  # waiting requests beyond which the gateway answers 429
+    # estimated wait for a slot beyond which a newcomer is refused with 429 (None: no bound);
+    # estimated from measured slot hold times, so it adapts to the machine and the load
+    max_queue_wait_s: float | None = Field(15.0, gt=0)
     # requests in their semantic lookup at once (before the queue); beyond it: 429 at once
     max_lookups: int = Field(32, ge=1)
     max_tokens_limit: int = 2048
