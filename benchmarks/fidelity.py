@@ -38,8 +38,9 @@ from ctxcache.engine import Engine, SamplingParams  # noqa: E402
 from ctxcache.engine.generate import stream_from_kv  # noqa: E402
 from ctxcache.fusion import (  # noqa: E402
     APE, CacheBlend, CacheCraft, FullPrefill, FusionContext, NaiveReuse, Planner, PrefixReuse,
-    Segment, default_strategies, first_token_kl,
+    Segment, first_token_kl,
 )
+from ctxcache.fusion.planner import serving_planner  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
 SYSTEM = ("<|im_start|>system\nYou answer questions using the passages given. Reply with a "
@@ -135,12 +136,18 @@ def main() -> None:
     variants: list[tuple[str, float | None, object]] = [
         ("prefix", None, PrefixReuse()), ("naive", 0.0, NaiveReuse())]
     variants += [("cacheblend", r, CacheBlend(r)) for r in ratios]
+    variants += [("cacheblend sink4", 0.15, CacheBlend(0.15, sink_tokens=4)),
+                 ("cacheblend sink4 per-chunk", 0.15,
+                  CacheBlend(0.15, sink_tokens=4, per_chunk=True))]
     variants += [("cachecraft", 0.15, CacheCraft(0.15)), ("ape", None, APE())]
     if args.ape_grid:
         variants += [(f"ape T={t} S={s}", None, APE(t, s))
                      for t in (0.5, 0.7, 0.9, 1.0) for s in (0.7, 0.9, 1.0)]
-    auto = Planner(default_strategies(), default="auto", sample_rate=0.1, seed=args.seed)
-    variants.append(("auto", None, auto))
+    # the planners as the gateway builds them: its default strategy under the cost guard, and
+    # ``auto`` proving strategies by answer agreement
+    default = serving_planner(engine, seed=args.seed)
+    auto = serving_planner(engine, default="auto", seed=args.seed)
+    variants += [("default", None, default), ("auto", None, auto)]
     full = FullPrefill()
     rows: dict[str, list[dict]] = collections.defaultdict(list)
     per_prompt = []
@@ -165,7 +172,7 @@ def main() -> None:
                "passages": len(p["passages"]), "full": ref_text, "strategies": {}}
         for name, r, strat in variants:
             label = name if r is None or name == "naive" else f"{name} r={r:g}"
-            if name in ("cacheblend", "cachecraft"):
+            if name.startswith(("cacheblend", "cachecraft")):
                 label = f"{name} r={r:g}"
             t0 = time.perf_counter()
             res = strat.run(ctx, segs) if isinstance(strat, Planner) else strat.build(ctx, segs)
@@ -216,11 +223,11 @@ def main() -> None:
         [[s["strategy"], s["first_token_kl"], s["top1_agreement"], s["greedy32_exact"],
           s["greedy_match_tokens"], s["f1_gold"], s["f1_vs_full_answer"],
           (s["f1_gold_share_of_full"] or 0) * 100, s["compute_fraction"]] for s in summary])
-    print(f"auto: {auto.describe()}")
+    print(f"default: {default.describe()}\nauto: {auto.describe()}")
     payload = {"benchmark": "fidelity", "model": engine.name, "prompts": len(prompts),
                "mean_prompt_tokens": mean([r["tokens"] for r in per_prompt]),
                "env": environment(args.device), "summary": summary, "args": vars(args),
-               "auto": auto.describe(), "examples": per_prompt[:10],
+               "default": default.describe(), "auto": auto.describe(), "examples": per_prompt[:10],
                "wall_s": time.perf_counter() - t_start}
     name = "fidelity" if args.model == "smollm2-135m-instruct" else \
         "fidelity_" + os.path.basename(args.model.rstrip("/")).removesuffix(".gguf")

@@ -32,17 +32,23 @@ import torch  # noqa: E402
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from benchmarks.fidelity import SYSTEM, normalize  # noqa: E402
-from ctxcache.datasets import squad_dev  # noqa: E402
+from ctxcache.datasets import coqa_stories, squad_dev  # noqa: E402
 from ctxcache.engine import Engine, SamplingParams  # noqa: E402
 from ctxcache.engine.generate import stream_from_kv  # noqa: E402
-from ctxcache.fusion import FusionContext, Planner, Segment, make_strategy  # noqa: E402
-from ctxcache.fusion import default_strategies  # noqa: E402
+from ctxcache.fusion import FusionContext, Segment, make_strategy  # noqa: E402
+from ctxcache.fusion.planner import serving_planner  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
 STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
               "cacheblend 5%": ("cacheblend", {"recompute_ratio": 0.05}),
               "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15}),
               "cacheblend 30%": ("cacheblend", {"recompute_ratio": 0.30}),
+              "cacheblend 15% sink4": ("cacheblend", {"recompute_ratio": 0.15,
+                                                      "sink_tokens": 4}),
+              "cacheblend 15% per-chunk": ("cacheblend", {"recompute_ratio": 0.15,
+                                                          "per_chunk": True}),
+              "cacheblend 15% sink4 per-chunk": ("cacheblend", {
+                  "recompute_ratio": 0.15, "sink_tokens": 4, "per_chunk": True}),
               "cachecraft 15%": ("cachecraft", {"base_ratio": 0.15}),
               "ape": ("ape", {}),
               # APE's temperature / scale, for the sweep of the APE quality gate
@@ -51,7 +57,10 @@ STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
               "ape T=0.5 S=0.9": ("ape", {"temperature": 0.5, "scale": 0.9}),
               "ape T=0.9 S=0.5": ("ape", {"temperature": 0.9, "scale": 0.5})}
 DEFAULT = ["full", "naive", "cacheblend 5%", "cacheblend 15%", "cacheblend 30%",
-           "cachecraft 15%", "ape", "auto"]
+           "cachecraft 15%", "ape", "default", "auto"]
+# planners, as the gateway builds them (``serving_planner``): its configured default strategy
+# under the cost guard, and ``auto`` proving strategies by answer agreement
+PLANNERS = ("default", "auto")
 
 
 KINDS = ("access", "security", "storage", "entry", "vault", "alarm", "gate", "locker")
@@ -60,38 +69,47 @@ PLACES = ("east tower", "north warehouse", "blue laboratory", "archive room", "m
           "glass pavilion", "stone chapel", "valley clinic", "copper mill", "summit hut")
 
 
-def needle(rng: random.Random, paragraph: str) -> tuple[str, str, str]:
-    """(paragraph with the fact written in, question, answer)."""
+def needle(rng: random.Random, paragraph: str) -> tuple[str, str, str, str]:
+    """(paragraph with the fact written in, question, answer, the fact)."""
     kind, place = rng.choice(KINDS), rng.choice(PLACES)
     code = str(rng.randint(10000, 99999))
     fact = f"The {kind} code for the {place} is {code}."
     parts = paragraph.split(". ")
     at = rng.randint(0, len(parts))
     text = ". ".join(parts[:at] + [fact.rstrip(".")] + parts[at:])
-    return text, f"What is the {kind} code for the {place}?", code
+    return text, f"What is the {kind} code for the {place}?", code, fact
+
+
+def haystack_paragraphs(name: str) -> list[str]:
+    """Real paragraphs to build haystacks from: ``squad`` (Wikipedia, SQuAD v1.1 dev) or
+    ``coqa`` (CoQA stories: literature, news, exams, Reddit, Wikipedia; a second source)."""
+    if name == "squad":
+        return [p["context"] for a in squad_dev() for p in a["paragraphs"]]
+    if name == "coqa":
+        return coqa_stories()
+    raise SystemExit(f"unknown haystack {name!r}: squad or coqa")
 
 
 def build_haystacks(engine: Engine, lengths: list[int], depths: list[float], per_cell: int,
-                    chunk: int, seed: int) -> list[dict]:
+                    chunk: int, seed: int, paragraphs: list[str] | None = None) -> list[dict]:
     rng = random.Random(seed)
-    articles = squad_dev()
-    rng.shuffle(articles)
-    paras = [(ai, p) for ai, a in enumerate(articles) for p in a["paragraphs"]]
-    toks = {id(p): engine.encode(f"{p['context']}\n\n") for _, p in paras}
+    paras = list(paragraphs if paragraphs is not None else haystack_paragraphs("squad"))
+    rng.shuffle(paras)
+    toks = [engine.encode(f"{p}\n\n") for p in paras]
     overhead = len(engine.encode(SYSTEM)) + 40
     out = []
     for n in lengths:
         for depth in depths:
             for _ in range(per_cell):
-                ai, host = rng.choice(paras)
-                text, question, code = needle(rng, host["context"])
+                hi = rng.randrange(len(paras))
+                text, question, code, fact = needle(rng, paras[hi])
                 gold = engine.encode(f"{text}\n\n")
                 budget = n - overhead - len(gold)
                 fillers, cur, used = [], [], 0
-                pool = [p for _, p in paras if p is not host]
-                rng.shuffle(pool)
-                for p in pool:  # other articles' paragraphs, packed into ~chunk-token chunks
-                    t = toks[id(p)]
+                order = [i for i in range(len(paras)) if i != hi]
+                rng.shuffle(order)
+                for i in order:  # other paragraphs, packed into ~chunk-token chunks
+                    t = toks[i]
                     if used + len(t) > budget:
                         break
                     cur += t
@@ -104,7 +122,8 @@ def build_haystacks(engine: Engine, lengths: list[int], depths: list[float], per
                 at = round(depth * len(fillers))
                 chunks = fillers[:at] + [gold] + fillers[at:]
                 out.append({"length": n, "depth": depth, "question": question,
-                            "answers": [code], "chunks": chunks})
+                            "answers": [code], "chunks": chunks, "gold_index": at,
+                            "fact": fact})
     return out
 
 
@@ -140,6 +159,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--strategies", default=",".join(DEFAULT))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--haystack", default="squad", help="squad or coqa")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
@@ -147,12 +167,17 @@ def main() -> None:
     lengths = [min(int(x), engine.spec.max_positions - args.tokens - 64)
                for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    hay = build_haystacks(engine, lengths, depths, args.per_cell, args.chunk, args.seed)
+    hay = build_haystacks(engine, lengths, depths, args.per_cell, args.chunk, args.seed,
+                          haystack_paragraphs(args.haystack))
+    # interleaved lengths: a planner sees traffic of every length from the start
+    k = len(hay) // len(lengths)
+    hay = [hay[j * k + i] for i in range(k) for j in range(len(lengths))]
     names = args.strategies.split(",")
     strats = {k: make_strategy(STRATEGIES[k][0], **STRATEGIES[k][1]) for k in names
               if k in STRATEGIES}
-    auto = Planner(default_strategies(), default="auto", sample_rate=0.1,
-                   seed=args.seed) if "auto" in names else None
+    planners = {k: serving_planner(engine, default="auto" if k == "auto" else "cacheblend",
+                                   seed=args.seed)
+                for k in PLANNERS if k in names}
     store = KVStore([MemoryTier(40 << 30, args.device)], eviction="lru")
     ctx = FusionContext(engine, store, reserve_tokens=args.tokens)
     cells: dict = collections.defaultdict(list)
@@ -165,10 +190,11 @@ def main() -> None:
             if s.name in ("naive", "cachecraft", "ape"):
                 s.build(ctx, segs)
         ref_text, ref_ok = None, None
-        for name in list(strats) + (["auto"] if auto else []):
+        for name in list(strats) + list(planners):
             sync()
             t0 = time.perf_counter()
-            res = auto.run(ctx, segs) if name == "auto" else strats[name].build(ctx, segs)
+            res = planners[name].run(ctx, segs) if name in planners else \
+                strats[name].build(ctx, segs)
             res.logits.argmax().item()
             ttft = time.perf_counter() - t0
             ids = answer(engine, res, args.tokens)
@@ -190,17 +216,21 @@ def main() -> None:
         return sum(xs) / len(xs) if xs else float("nan")
 
     summary = []
-    for name in list(strats) + (["auto"] if auto else []):
+    for name in list(strats) + list(planners):
         for n in lengths:
             rs = [r for d in depths for r in cells[(name, n, d)]]
             full_rs = [r for d in depths for r in cells[("full", n, d)]]
             acc, full_acc = mean([r["ok"] for r in rs]), mean([r["ok"] for r in full_rs])
+            slower = sum(r["ttft_s"] > f["ttft_s"] for r, f in zip(rs, full_rs))
             summary.append({
                 "strategy": name, "length": n, "n": len(rs), "accuracy": acc,
                 "accuracy_share_of_full": acc / full_acc if full_acc else None,
                 "agreement_with_full": mean([r["agree"] for r in rs]),
                 "same_answer_text": mean([r["same_text"] for r in rs]),
                 "ttft_ms": 1e3 * sorted(r["ttft_s"] for r in rs)[len(rs) // 2],
+                "speedup_vs_full": (sorted(f["ttft_s"] for f in full_rs)[len(rs) // 2]
+                                    / sorted(r["ttft_s"] for r in rs)[len(rs) // 2]),
+                "slower_than_full": slower,
                 "compute_fraction": mean([r["compute"] for r in rs]),
                 "by_depth": {str(d): mean([r["ok"] for r in cells[(name, n, d)]])
                              for d in depths},
@@ -213,13 +243,13 @@ def main() -> None:
                 [[s["strategy"], s["length"], s["accuracy"],
                   100 * (s["accuracy_share_of_full"] or 0), s["agreement_with_full"],
                   s["same_answer_text"], s["ttft_ms"], s["compute_fraction"]] for s in summary])
-    if auto is not None:
-        print(f"auto: {auto.describe()}")
+    for k, pl in planners.items():
+        print(f"{k}: {pl.describe()}")
     tag = os.path.basename(args.model.rstrip("/")).removesuffix(".gguf")
     path = write_json(f"longctx_{tag}", {
         "benchmark": "longctx", "model": engine.name, "dtype": args.dtype,
         "env": environment(args.device), "args": vars(args), "summary": summary,
-        "auto": auto.describe() if auto else None, "wall_s": time.perf_counter() - t_start},
+        "planners": {k: pl.describe() for k, pl in planners.items()}, "wall_s": time.perf_counter() - t_start},
         args.out)
     plot(summary, lengths, depths, path.with_suffix(".png"))
 

@@ -6,6 +6,7 @@ cached under ``<cache dir>/data``. Nothing is installed into the environment.
 
 * SQuAD v1.1 dev (``bigbench==1.0.0`` source archive): RAG fidelity — articles, paragraphs,
   questions with gold answers.
+* CoQA stories (the same archive): a second real long-text source for long-context tests.
 * ``fow-cache==0.1.0``: 600 labelled question pairs for semantic-cache hit / false-hit rates.
 * ``chatterbot-corpus==1.3.3``: questions by category, for the category classifier.
 * Sentences of the whole BIG-bench archive (``bigbench==1.0.0``): ~2M distinct real English
@@ -79,6 +80,16 @@ def squad_dev() -> list[dict]:
     """SQuAD v1.1 dev articles: [{title, paragraphs: [{context, qas: [{question, answers}]}]}]."""
     path = _member("bigbench==1.0.0", "squad_shifts/squaddev_v1.1.json", "squaddev_v1.1.json")
     return json.loads(path.read_text())["data"]
+
+
+def coqa_stories() -> list[str]:
+    """CoQA test-set stories (``bigbench==1.0.0``): real passages from children's stories,
+    literature, exams, news, Wikipedia and Reddit — a second long-text source beside SQuAD."""
+    path = _member("bigbench==1.0.0", "coqa_conversational_question_answering/coqa.test.json",
+                   "coqa.test.json")
+    data = json.loads(path.read_text())
+    items = data.get("data", data) if isinstance(data, dict) else data
+    return [d["story"] for d in items if isinstance(d, dict) and d.get("story")]
 
 
 def fow_pairs() -> list[dict]:

@@ -192,25 +192,15 @@ class Gateway:
 
             return SGLangBackend(s.sglang_url, s.sglang_timeout_s, s.model)
         from ctxcache.engine import Engine
-        from ctxcache.fusion import Planner, default_strategies
+        from ctxcache.fusion.planner import serving_planner
         from ctxcache.kv.config import build_store
         from ctxcache.service.backends import EmbeddedBackend
 
         engine = Engine.load(s.model, device=s.device, dtype=s.dtype)
         if self.store is None:
             self.store = build_store(s, device=s.device)
-        planner = Planner(default_strategies(cacheblend={"recompute_ratio": s.recompute_ratio}),
-                          default=s.strategy)
-        if s.cost_model == "on":  # in the background: serving starts at once, guarded once ready
-            from ctxcache.fusion.costmodel import load_or_calibrate
-
-            def calibrate() -> None:
-                try:
-                    planner.cost_model = load_or_calibrate(engine, planner.strategies)
-                except Exception:  # noqa: BLE001 - without a cost model the planner still works
-                    log.exception("cost model calibration failed; reuse runs unguarded")
-
-            threading.Thread(target=calibrate, name="cost-model", daemon=True).start()
+        planner = serving_planner(engine, s.strategy, s.recompute_ratio,
+                                  cost_model=s.cost_model == "on", background=True)
         return EmbeddedBackend(engine, self.store, planner, max_running=s.concurrency,
                                max_prefill_tokens=s.max_prefill_tokens, kv_bytes=s.kv_pool_bytes,
                                kv_fraction=s.kv_pool_fraction, block_size=s.kv_block_size,

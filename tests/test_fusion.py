@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,3 +261,71 @@ def test_cost_model_calibrates_and_guards_reuse(tiny_engines):
     assert auto.describe()["served"] == {"naive": 1}
     # missing chunks are built on the way: a cold prompt counts their prefill
     assert fast.predict("naive", 100, missing=50) == fast.predict("naive", 100) + 0.25
+
+
+def test_cacheblend_sink_tokens_and_per_chunk_budgets(ctx, engine):
+    """The long-context variants: each chunk's first tokens recomputed, the recompute budget
+    spread per chunk. With everything recomputed both equal full prefill; at a partial ratio
+    every chunk head is among the recomputed rows and every chunk gets its share."""
+    from ctxcache.fusion.chunks import cached_mask, lookup, resolve
+
+    s = segs(engine)
+    ref = FullPrefill().build(ctx, s)
+    for kw in ({"sink_tokens": 2}, {"per_chunk": True}, {"sink_tokens": 3, "per_chunk": True}):
+        r = CacheBlend(1.0, **kw).build(ctx, s)
+        assert close(r.logits, ref.logits, 2e-3), kw
+    cb = CacheBlend(0.2, sink_tokens=2, per_chunk=True)
+    pieces = resolve(ctx, s)
+    _, sources = lookup(ctx, pieces, cb.start(ctx, s)[0])
+    cached = cached_mask(len(ref.token_ids), sources)
+    plan = cb.plan(pieces, cached, engine.spec.num_layers)
+    chunks = [p for p in pieces if p.role == "chunk"]
+    for p in chunks:  # chunk heads are must rows
+        at = np.searchsorted(plan.rows, [p.start, p.start + 1])
+        assert plan.must[at].all()
+    last = plan.selections[-1]
+    assert len(last.group_keep) == len(chunks)
+    for p, k in zip(chunks, last.group_keep):
+        assert k >= 2 + int(np.ceil(0.2 * (len(p.token_ids) - 2) - 1e-9))
+    assert last.keep == int(plan.must.sum()) + sum(k - 2 for k in last.group_keep)
+    with pytest.raises(InvalidInputError):
+        CacheBlend(0.15, sink_tokens=-1)
+
+
+def test_answer_judge_and_confidence_bound():
+    from ctxcache.fusion.judge import bucket_of, token_f1, wilson_lower
+
+    assert token_f1([1, 2, 3], [1, 2, 3]) == 1.0
+    assert token_f1([1, 2], [3, 4]) == 0.0
+    assert abs(token_f1([1, 2, 3, 4], [1, 2]) - 2 / 3) < 1e-9
+    assert token_f1([], []) == 1.0
+    # ten agreements out of ten is not proof at 0.9, thirty is
+    assert wilson_lower(10, 10) < 0.9 < wilson_lower(30, 30)
+    assert wilson_lower(0, 0) == 0.0 and wilson_lower(5, 10) < 0.5
+    assert bucket_of(100) == "<=4096" and bucket_of(9000) == "<=16384"
+    assert bucket_of(40000) == ">32768"
+
+
+def test_planner_proves_strategies_by_answer_agreement(ctx, engine):
+    """``auto`` with an AnswerJudge: while unproven it serves full prefill and judges every
+    candidate's greedy answer against full prefill's on the same request; a strategy whose
+    answers agree is then served in that length bucket, one that disagrees is not."""
+    from ctxcache.fusion.judge import AnswerJudge
+
+    planner = Planner(default_strategies(), default="auto", min_samples=3, sample_rate=0.0,
+                      min_agreement=0.4, judge=AnswerJudge(engine, tokens=6), seed=0)
+    s = segs(engine)
+    served = [planner.run(ctx, s).stats.extra["planner"]["served"] for _ in range(4)]
+    assert served[:3] == ["full"] * 3
+    report = planner.answer_report()
+    assert report, "candidates were judged"
+    assert all(v["n"] <= 3 for v in report.values())
+    proven = [k.split()[0] for k, v in report.items() if v["n"] >= 3
+              and v["agreement_lower_bound"] >= 0.4]
+    # exact prefix reuse gives full prefill's answer: it must be among the proven
+    assert "prefix" in proven
+    assert served[3] in proven
+    assert planner.describe()["served_by_bucket"][f"{served[3]} <=4096"] == 1
+    # a different length bucket is not proven by these samples
+    long = segs(engine, docs=DOCS * 120)
+    assert planner.choose(None, Planner.sizes(ctx, long))[0] == "full"

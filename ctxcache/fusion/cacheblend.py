@@ -33,19 +33,27 @@ class CacheBlend(FusionStrategy):
     ratio_attr = "r"
 
     def __init__(self, recompute_ratio: float = 0.15, select_from: int = 1, widen: float = 1.5,
-                 narrow_layers: int = 3):
+                 narrow_layers: int = 3, sink_tokens: int = 0, per_chunk: bool = False):
         if not 0.0 <= recompute_ratio <= 1.0:
             raise InvalidInputError("recompute_ratio must be in [0, 1]")
         if select_from < 0 or narrow_layers < 1 or widen < 1.0:
             raise InvalidInputError("select_from >= 0, narrow_layers >= 1 and widen >= 1 required")
+        if sink_tokens < 0:
+            raise InvalidInputError("sink_tokens must be >= 0")
         self.r = recompute_ratio
         self.select_from = select_from
         self.widen = widen
         self.narrow_layers = narrow_layers
+        # each chunk's first tokens were its own attention sink when it was encoded alone:
+        # recomputing them in place removes one spurious sink per chunk (a handful of tokens)
+        self.sink_tokens = sink_tokens
+        # recompute budget spread over chunks (each chunk its share) instead of one global top-k
+        self.per_chunk = per_chunk
 
     def describe(self) -> dict:
         return {"name": self.name, "recompute_ratio": self.r, "select_from": self.select_from,
-                "widen": self.widen, "narrow_layers": self.narrow_layers}
+                "widen": self.widen, "narrow_layers": self.narrow_layers,
+                "sink_tokens": self.sink_tokens, "per_chunk": self.per_chunk}
 
     def select_layers(self, num_layers: int) -> list[int]:
         last = min(self.select_from + self.narrow_layers, num_layers)
@@ -54,13 +62,31 @@ class CacheBlend(FusionStrategy):
     def plan(self, pieces: Sequence[Piece], cached: np.ndarray, num_layers: int
              ) -> SelectivePlan:
         rows = np.nonzero(~exact_prefix(pieces, cached.size))[0]
-        must = ~cached[rows]
+        must = ~cached[rows] | chunk_heads(pieces, cached.size, self.sink_tokens)[rows]
         n_must = int(must.sum())
         n_cand = rows.size - n_must
-        sels = [Selection(layer, n_must + keep_count(
-            ratio_schedule(self.r, layer, self.select_from, self.widen, self.narrow_layers),
-            n_cand)) for layer in self.select_layers(num_layers)]
-        return SelectivePlan(rows, must, sels)
+        layers = self.select_layers(num_layers)
+        frac = {layer: ratio_schedule(self.r, layer, self.select_from, self.widen,
+                                      self.narrow_layers) for layer in layers}
+        if not self.per_chunk:
+            sels = [Selection(layer, n_must + keep_count(frac[layer], n_cand))
+                    for layer in layers]
+            return SelectivePlan(rows, must, sels)
+        groups = np.full(rows.size, -1, dtype=np.int64)
+        chunks = [p for p in pieces if p.role == "chunk"]
+        sizes, musts = [], []
+        for ci, p in enumerate(chunks):
+            inside = (rows >= p.start) & (rows < p.end)
+            groups[inside] = ci
+            sizes.append(int((inside & ~must).sum()))
+            musts.append(int((inside & must).sum()))
+        sels = []
+        for layer in layers:
+            kept = [keep_count(frac[layer], sz) for sz in sizes]
+            # a chunk's count covers its must rows too (they rank first within the chunk)
+            sels.append(Selection(layer, n_must + sum(kept),
+                                  [k + m for k, m in zip(kept, musts)]))
+        return SelectivePlan(rows, must, sels, groups)
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         engine = ctx.engine
@@ -83,6 +109,16 @@ def exact_prefix(pieces: Sequence[Piece], n: int) -> np.ndarray:
             break
         exact[p.start:p.end] = True
     return exact
+
+
+def chunk_heads(pieces: Sequence[Piece], n: int, k: int) -> np.ndarray:
+    """The first ``k`` tokens of every chunk (the per-chunk attention sinks)."""
+    heads = np.zeros(n, dtype=bool)
+    if k:
+        for p in pieces:
+            if p.role == "chunk":
+                heads[p.start:min(p.end, p.start + k)] = True
+    return heads
 
 
 def fill_stats(stats: FusionStats, ctx: FusionContext, ids, cached: np.ndarray,

@@ -2,10 +2,13 @@
 
 A configurable default, or ``auto``: the fastest strategy whose measured fidelity on recent
 traffic stays above a threshold, else full prefill. Fidelity is measured by *shadow checks*: on a
-sampled fraction of requests the planner also runs full prefill and records how close the
-strategy's first-token distribution came (top-1 agreement and KL). While a cheaper strategy has
-too few samples, requests are served by full prefill and that strategy is evaluated in the
-shadow, so ``auto`` never serves an unproven approximation.
+sampled fraction of requests the planner also runs full prefill and compares. With an
+``AnswerJudge`` (``judge.py``; the gateway uses one) the comparison is the one users see: short
+greedy answers from both, agreement as token F1, tracked per strategy *and context-length
+bucket*, and a strategy is proven where the lower confidence bound of its agreement rate passes
+``min_agreement``. Without a judge it falls back to first-token top-1 agreement and KL. While a
+cheaper strategy has too few samples, requests are served by full prefill and that strategy is
+evaluated in the shadow, so ``auto`` never serves an unproven approximation.
 
 Speed comes from a ``CostModel`` calibrated on this engine: ``auto`` picks the proven strategy
 with the lowest predicted time for this prompt (counting chunks that still have to be built),
@@ -16,6 +19,7 @@ honoured as asked).
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import Counter, deque
@@ -27,7 +31,10 @@ import torch
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
 from ctxcache.fusion.costmodel import CostModel
+from ctxcache.fusion.judge import AnswerJudge, bucket_of, token_f1, wilson_lower
 from ctxcache.kv.keys import chunk_key
+
+log = logging.getLogger("ctxcache.planner")
 
 # cheapest first (typical compute share of full prefill)
 AUTO_ORDER = ("naive", "ape", "kvcomm", "cacheblend", "cachecraft", "prefix")
@@ -44,9 +51,13 @@ def first_token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
 class FidelityTracker:
     window: int = 50
     samples: dict[str, deque] = field(default_factory=dict)
+    answers: dict[tuple[str, str], deque] = field(default_factory=dict)
 
     def record(self, strategy: str, kl: float, top1: bool) -> None:
         self.samples.setdefault(strategy, deque(maxlen=self.window)).append((kl, top1))
+
+    def record_answer(self, strategy: str, bucket: str, f1: float) -> None:
+        self.answers.setdefault((strategy, bucket), deque(maxlen=4 * self.window)).append(f1)
 
     def summary(self, strategy: str) -> dict:
         s = self.samples.get(strategy) or ()
@@ -55,11 +66,19 @@ class FidelityTracker:
         return {"n": len(s), "top1": sum(t for _, t in s) / len(s),
                 "kl": sum(k for k, _ in s) / len(s)}
 
+    def answer_summary(self, strategy: str, bucket: str, agree_f1: float) -> dict:
+        s = self.answers.get((strategy, bucket)) or ()
+        agree = sum(f >= agree_f1 for f in s)
+        return {"n": len(s), "mean_f1": sum(s) / len(s) if s else None,
+                "agreement": agree / len(s) if s else None,
+                "agreement_lower_bound": wilson_lower(agree, len(s))}
+
 
 class Planner:
     def __init__(self, strategies: dict[str, FusionStrategy], default: str = "cacheblend",
                  min_top1: float = 0.9, min_samples: int = 10, sample_rate: float = 0.05,
-                 seed: int | None = None, cost_model: CostModel | None = None):
+                 seed: int | None = None, cost_model: CostModel | None = None,
+                 judge: AnswerJudge | None = None, min_agreement: float = 0.85):
         if default != "auto" and default not in strategies:
             raise InvalidInputError(f"unknown default strategy {default!r}")
         if "full" not in strategies:
@@ -71,13 +90,25 @@ class Planner:
         self.sample_rate = sample_rate
         self.tracker = FidelityTracker()
         self.cost_model = cost_model
+        self.judge = judge
+        self.min_agreement = min_agreement
         self.served: Counter = Counter()
+        self.served_by_bucket: Counter = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
-    def _qualified(self, name: str) -> bool:
+    def _qualified(self, name: str, bucket: str | None = None) -> bool:
+        if self.judge is not None:
+            a = self.tracker.answer_summary(name, bucket or "", self.judge.agree_f1)
+            return a["n"] >= self.min_samples and \
+                a["agreement_lower_bound"] >= self.min_agreement
         s = self.tracker.summary(name)
         return s["n"] >= self.min_samples and s["top1"] >= self.min_top1
+
+    def _samples(self, name: str, bucket: str | None) -> int:
+        if self.judge is not None:
+            return len(self.tracker.answers.get((name, bucket or ""), ()))
+        return self.tracker.summary(name)["n"]
 
     def choose(self, requested: str | None = None, sizes: tuple[int, int] | None = None
                ) -> tuple[str, str | None]:
@@ -96,14 +127,18 @@ class Planner:
                 return "full", None
             return name, name if name != "full" and self._rng.random() < self.sample_rate else None
         cands = [n for n in AUTO_ORDER if n in self.strategies]
-        proven = [n for n in cands if self._qualified(n)]
+        bucket = bucket_of(sizes[0]) if sizes is not None else None
+        proven = [n for n in cands if self._qualified(n, bucket)]
         if cm is not None:
             proven = [n for n in proven if cm.cheaper_than_full(n, *sizes)]
             proven.sort(key=lambda n: cm.predict(n, *sizes) or 0.0)
         if proven:
             n = proven[0]
             return n, n if self._rng.random() < self.sample_rate else None
-        unproven = [n for n in cands if self.tracker.summary(n)["n"] < self.min_samples]
+        if self.judge is not None and sizes is not None:
+            unproven = self._proving(bucket, sizes)
+        else:
+            unproven = [n for n in cands if self._samples(n, bucket) < self.min_samples]
         # every unproven strategy gets evaluated in turn (random, so none starves)
         return "full", (self._rng.choice(unproven) if unproven else None)
 
@@ -129,30 +164,112 @@ class Planner:
             ) -> FusionResult:
         """Build with the chosen strategy; ``recompute_ratio`` overrides the ratio of a
         strategy that has one (full prefill, if chosen, recomputes everything anyway)."""
-        sizes = self.sizes(ctx, segments) if self.cost_model is not None else None
+        sizes = self.sizes(ctx, segments) if (self.cost_model is not None or
+                                               self.judge is not None) else None
         name, shadow = self.choose(requested, sizes)
         strategy = self.strategies[name]
         if recompute_ratio is not None and strategy.ratio_attr is not None:
             strategy = strategy.with_ratio(recompute_ratio)
         result = strategy.build(ctx, segments)
         if shadow is not None:
-            ref = result if name == "full" else self.strategies["full"].build(ctx, segments)
-            test = result if shadow == name else self.strategies[shadow].build(ctx, segments)
-            with self._lock:
-                self.tracker.record(shadow, first_token_kl(ref.logits, test.logits),
-                                    bool(ref.logits.argmax() == test.logits.argmax()))
+            if self.judge is not None:
+                bucket = bucket_of(sizes[0])
+                # while proving (auto serving full), every candidate still unproven here is
+                # judged against the one reference: proving takes min_samples requests, not
+                # min_samples × strategies
+                shadows = [shadow] if name != "full" or requested is not None or \
+                    self.default != "auto" else self._proving(bucket, sizes) or [shadow]
+                self._judge(ctx, segments, shadows, bucket)
+            else:
+                ref = result if name == "full" else self.strategies["full"].build(ctx, segments)
+                test = result if shadow == name else self.strategies[shadow].build(ctx, segments)
+                with self._lock:
+                    self.tracker.record(shadow, first_token_kl(ref.logits, test.logits),
+                                        bool(ref.logits.argmax() == test.logits.argmax()))
         result.stats.extra["planner"] = {"requested": requested or self.default, "served": name,
                                          "shadow": shadow}
         with self._lock:
             self.served[name] += 1
+            if sizes is not None:
+                self.served_by_bucket[(name, bucket_of(sizes[0]))] += 1
         return result
+
+    def _disproven(self, name: str, bucket: str) -> bool:
+        """Its agreement rate's upper confidence bound is already below the threshold."""
+        a = self.tracker.answer_summary(name, bucket, self.judge.agree_f1)
+        n = a["n"]
+        return n > 0 and 1.0 - wilson_lower(n - round(a["agreement"] * n), n) < \
+            self.min_agreement
+
+    def _proving(self, bucket: str, sizes: tuple[int, int]) -> list[str]:
+        """Strategies still worth judging in this bucket: too few samples, not disproven,
+        and (with a cost model) able to be faster than full prefill on this prompt."""
+        cm = self.cost_model
+        return [n for n in AUTO_ORDER if n in self.strategies
+                and self._samples(n, bucket) < self.min_samples
+                and not self._disproven(n, bucket)
+                and (cm is None or cm.cheaper_than_full(n, *sizes))]
+
+    def _judge(self, ctx: FusionContext, segments: Sequence[Segment], shadows: list[str],
+               bucket: str) -> None:
+        """Answer agreement of each of ``shadows`` with full prefill on this prompt. All are
+        built afresh for the check, so decoding the judge's answers never touches the K/V the
+        request is served from; the reference answer is decoded once."""
+        ref = self.strategies["full"].build(ctx, segments)
+        ref_answer = self.judge.answer(ref)
+        for shadow in shadows:
+            test = self.strategies[shadow].build(ctx, segments)
+            f1 = token_f1(self.judge.answer(test), ref_answer)
+            with self._lock:
+                self.tracker.record(shadow, first_token_kl(ref.logits, test.logits),
+                                    bool(ref.logits.argmax() == test.logits.argmax()))
+                self.tracker.record_answer(shadow, bucket, f1)
 
     def report(self) -> dict:
         return {n: self.tracker.summary(n) for n in self.strategies if n != "full"}
 
+    def answer_report(self) -> dict:
+        """Answer agreement per strategy and length bucket (judged planners)."""
+        if self.judge is None:
+            return {}
+        return {f"{n} {b}": self.tracker.answer_summary(n, b, self.judge.agree_f1)
+                for (n, b) in sorted(self.tracker.answers)}
+
     def describe(self) -> dict:
         """Fidelity per strategy, how often each served, and the cost model in use."""
         out = {"default": self.default, "fidelity": self.report(), "served": dict(self.served)}
+        if self.judge is not None:
+            out["answer_agreement"] = self.answer_report()
+            out["served_by_bucket"] = {f"{n} {b}": c for (n, b), c in
+                                       sorted(self.served_by_bucket.items())}
         if self.cost_model is not None:
             out["cost_model"] = {"coeffs": self.cost_model.coeffs, "key": self.cost_model.key}
         return out
+
+
+
+def serving_planner(engine, default: str = "cacheblend", recompute_ratio: float = 0.15,
+                    cost_model: bool = True, judge: bool = True, background: bool = False,
+                    **options) -> Planner:
+    """The planner as the gateway builds it: the default strategy (or ``auto``) over every
+    strategy, guarded by the cost model calibrated on this engine (first uses included), and
+    judged by answer agreement. Benchmarks use it for their ``default`` row, so the row is
+    what users are served. ``background`` calibrates in a thread (serving starts at once and
+    is guarded once the model is ready)."""
+    from ctxcache.fusion import default_strategies
+    from ctxcache.fusion.costmodel import load_or_calibrate
+
+    planner = Planner(default_strategies(cacheblend={"recompute_ratio": recompute_ratio}),
+                      default=default, judge=AnswerJudge(engine) if judge else None, **options)
+    if cost_model:
+        def calibrate() -> None:
+            try:
+                planner.cost_model = load_or_calibrate(engine, planner.strategies)
+            except Exception:  # noqa: BLE001 - without a cost model the planner still works
+                log.exception("cost model calibration failed; reuse runs unguarded")
+
+        if background:
+            threading.Thread(target=calibrate, name="cost-model", daemon=True).start()
+        else:
+            calibrate()
+    return planner
