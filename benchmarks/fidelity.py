@@ -135,7 +135,7 @@ def main() -> None:
     ratios = [float(r) for r in args.ratios.split(",")]
     variants: list[tuple[str, float | None, object]] = [
         ("prefix", None, PrefixReuse()), ("naive", 0.0, NaiveReuse())]
-    variants += [("cacheblend", r, CacheBlend(r)) for r in ratios]
+    variants += [("cacheblend", r, CacheBlend(r, sink_tokens=0)) for r in ratios]
     variants += [("cacheblend sink4", 0.15, CacheBlend(0.15, sink_tokens=4)),
                  ("cacheblend sink4 per-chunk", 0.15,
                   CacheBlend(0.15, sink_tokens=4, per_chunk=True))]

@@ -40,13 +40,14 @@ from ctxcache.fusion.planner import serving_planner  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
 STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
-              "cacheblend 5%": ("cacheblend", {"recompute_ratio": 0.05}),
-              "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15}),
-              "cacheblend 30%": ("cacheblend", {"recompute_ratio": 0.30}),
+              "cacheblend 5%": ("cacheblend", {"recompute_ratio": 0.05, "sink_tokens": 0}),
+              "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15, "sink_tokens": 0}),
+              "cacheblend 30%": ("cacheblend", {"recompute_ratio": 0.30, "sink_tokens": 0}),
               "cacheblend 15% sink4": ("cacheblend", {"recompute_ratio": 0.15,
                                                       "sink_tokens": 4}),
               "cacheblend 15% per-chunk": ("cacheblend", {"recompute_ratio": 0.15,
-                                                          "per_chunk": True}),
+                                                          "per_chunk": True,
+                                                          "sink_tokens": 0}),
               "cacheblend 15% sink4 per-chunk": ("cacheblend", {
                   "recompute_ratio": 0.15, "sink_tokens": 4, "per_chunk": True}),
               "cachecraft 15%": ("cachecraft", {"base_ratio": 0.15}),

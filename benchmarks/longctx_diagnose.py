@@ -45,11 +45,12 @@ from ctxcache.fusion.selective import (  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
 VARIANTS = {"naive": ("naive", {}),
-            "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15}),
+            "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15, "sink_tokens": 0}),
             "cacheblend 15% sink4": ("cacheblend", {"recompute_ratio": 0.15, "sink_tokens": 4}),
             "cacheblend 15% per-chunk": ("cacheblend", {"recompute_ratio": 0.15,
-                                                        "per_chunk": True}),
-            "cacheblend 30%": ("cacheblend", {"recompute_ratio": 0.30})}
+                                                        "per_chunk": True,
+                                                        "sink_tokens": 0}),
+            "cacheblend 30%": ("cacheblend", {"recompute_ratio": 0.30, "sink_tokens": 0})}
 BUCKETS = (("first", 0, 1), ("1-3", 1, 4), ("4-15", 4, 16), ("16+", 16, 1 << 30))
 
 

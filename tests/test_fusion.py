@@ -84,7 +84,7 @@ def test_naive_and_ape_without_chunks_equal_full(ctx, engine):
 def test_cacheblend_r0_equals_naive(ctx, engine):
     s = segs(engine)
     nv = NaiveReuse().build(ctx, s)
-    cb = CacheBlend(0.0).build(ctx, s)
+    cb = CacheBlend(0.0, sink_tokens=0).build(ctx, s)
     assert close(nv.logits, cb.logits) and close(nv.kv.k, cb.kv.k) and close(nv.kv.v, cb.kv.v)
 
 
@@ -259,6 +259,18 @@ def test_cost_model_calibrates_and_guards_reuse(tiny_engines):
     auto.tracker.record("cacheblend", 0.01, True)
     assert auto.run(ctx, s).stats.extra["planner"]["served"] == "naive"
     assert auto.describe()["served"] == {"naive": 1}
+    # Cache-Craft's first uses (attention probes) are priced by their own calibration
+    assert "cachecraft:cold" in cm.coeffs
+    craft = CostModel({"full": [0.5, 0.0, 0.0], "cachecraft": [0.1, 0.0, 0.0],
+                       "cachecraft:cold": [0.9, 0.0, 0.0]})
+    guarded = Planner(strategies, default="cachecraft", sample_rate=0.0, cost_model=craft)
+    served = [guarded.run(ctx, s).stats.extra["planner"]["served"] for _ in range(5)]
+    probes = strategies["cachecraft"].probe_uses
+    assert served[0] == "full", "a first use slower than full prefill is not served"
+    guarded.run(ctx, s, requested="cachecraft")  # explicit requests warm it up
+    for _ in range(probes):
+        guarded.run(ctx, s, requested="cachecraft")
+    assert guarded.run(ctx, s).stats.extra["planner"]["served"] == "cachecraft"
     # missing chunks are built on the way: a cold prompt counts their prefill
     assert fast.predict("naive", 100, missing=50) == fast.predict("naive", 100) + 0.25
 

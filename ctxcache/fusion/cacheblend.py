@@ -33,7 +33,7 @@ class CacheBlend(FusionStrategy):
     ratio_attr = "r"
 
     def __init__(self, recompute_ratio: float = 0.15, select_from: int = 1, widen: float = 1.5,
-                 narrow_layers: int = 3, sink_tokens: int = 0, per_chunk: bool = False):
+                 narrow_layers: int = 3, sink_tokens: int = 4, per_chunk: bool = False):
         if not 0.0 <= recompute_ratio <= 1.0:
             raise InvalidInputError("recompute_ratio must be in [0, 1]")
         if select_from < 0 or narrow_layers < 1 or widen < 1.0:

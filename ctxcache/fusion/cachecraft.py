@@ -26,6 +26,7 @@ after a restart — an approximation of the paper's persisted chunk metadata.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -79,6 +80,18 @@ class CacheCraft(FusionStrategy):
         return {"name": self.name, "base_ratio": self.base, "reuse_below": self.reuse_below,
                 "full_above": self.full_above, "variant_above": self.variant_above,
                 "tracked_chunks": len(self.table)}
+
+    def fresh(self) -> "CacheCraft":
+        """The same configuration with nothing learned (the state of a chunk's first uses)."""
+        out = copy.copy(self)
+        out.table, out.token_scores = {}, {}
+        return out
+
+    def is_cold(self, chunk_keys: Sequence[str]) -> bool:
+        """Would a prompt of these chunks probe attention (some chunk seen fewer than
+        ``probe_uses`` times)? Such builds are slower; the cost guard prices them apart."""
+        return any(self.table.get(k) is None or self.table[k].uses < self.probe_uses
+                   for k in chunk_keys)
 
     # ------------------------------------------------------------------ budgets
     def budgets(self, keys: Sequence[str]) -> list[float]:

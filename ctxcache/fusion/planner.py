@@ -30,7 +30,7 @@ import torch
 
 from ctxcache.errors import InvalidInputError
 from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
-from ctxcache.fusion.costmodel import CostModel
+from ctxcache.fusion.costmodel import COLD, CostModel
 from ctxcache.fusion.judge import AnswerJudge, bucket_of, token_f1, wilson_lower
 from ctxcache.kv.keys import chunk_key
 
@@ -110,12 +110,24 @@ class Planner:
             return len(self.tracker.answers.get((name, bucket or ""), ()))
         return self.tracker.summary(name)["n"]
 
-    def choose(self, requested: str | None = None, sizes: tuple[int, int] | None = None
-               ) -> tuple[str, str | None]:
+    def _cheaper(self, name: str, sizes: tuple[int, int], cold: frozenset) -> bool:
+        """Predicted faster than full prefill on this prompt; a strategy in its slower first-use
+        mode is priced by its cold calibration, and never served if that was not measured."""
+        cm = self.cost_model
+        if name in cold:
+            cold_name = COLD[name]
+            if cm.predict(cold_name, *sizes) is None:
+                return False
+            name = cold_name
+        return cm.cheaper_than_full(name, *sizes)
+
+    def choose(self, requested: str | None = None, sizes: tuple[int, int] | None = None,
+               cold: frozenset = frozenset()) -> tuple[str, str | None]:
         """(strategy to serve with, strategy to evaluate in the shadow or None).
 
         ``sizes`` = (prompt tokens, tokens of chunks not cached yet) lets the cost model veto
-        reuse that would be slower than full prefill (``auto`` and the configured default)."""
+        reuse that would be slower than full prefill (``auto`` and the configured default);
+        ``cold`` names strategies that would run their slower first-use mode on this prompt."""
         name = requested or self.default
         cm = self.cost_model if sizes is not None else None
         if name != "auto":
@@ -123,15 +135,15 @@ class Planner:
                 raise InvalidInputError(
                     f"unknown strategy {name!r}; use one of {sorted(self.strategies)} or 'auto'")
             if cm is not None and requested is None and name != "full" and \
-                    not cm.cheaper_than_full(name, *sizes):
+                    not self._cheaper(name, sizes, cold):
                 return "full", None
             return name, name if name != "full" and self._rng.random() < self.sample_rate else None
         cands = [n for n in AUTO_ORDER if n in self.strategies]
         bucket = bucket_of(sizes[0]) if sizes is not None else None
         proven = [n for n in cands if self._qualified(n, bucket)]
         if cm is not None:
-            proven = [n for n in proven if cm.cheaper_than_full(n, *sizes)]
-            proven.sort(key=lambda n: cm.predict(n, *sizes) or 0.0)
+            proven = [n for n in proven if self._cheaper(n, sizes, cold)]
+            proven.sort(key=lambda n: cm.predict(COLD[n] if n in cold else n, *sizes) or 0.0)
         if proven:
             n = proven[0]
             return n, n if self._rng.random() < self.sample_rate else None
@@ -141,6 +153,19 @@ class Planner:
             unproven = [n for n in cands if self._samples(n, bucket) < self.min_samples]
         # every unproven strategy gets evaluated in turn (random, so none starves)
         return "full", (self._rng.choice(unproven) if unproven else None)
+
+    def _cold(self, ctx: FusionContext, segments: Sequence[Segment]) -> frozenset:
+        """Strategies that would run their first-use mode on this prompt (host checks)."""
+        out = set()
+        keys = None
+        for name, st in self.strategies.items():
+            if hasattr(st, "is_cold"):
+                if keys is None:
+                    keys = [chunk_key(ctx.engine.fingerprint, s.token_ids) for s in segments
+                            if s.role == "chunk" and s.token_ids]
+                if st.is_cold(keys):
+                    out.add(name)
+        return frozenset(out)
 
     @staticmethod
     def sizes(ctx: FusionContext, segments: Sequence[Segment]) -> tuple[int, int]:
@@ -166,7 +191,8 @@ class Planner:
         strategy that has one (full prefill, if chosen, recomputes everything anyway)."""
         sizes = self.sizes(ctx, segments) if (self.cost_model is not None or
                                                self.judge is not None) else None
-        name, shadow = self.choose(requested, sizes)
+        cold = self._cold(ctx, segments) if self.cost_model is not None else frozenset()
+        name, shadow = self.choose(requested, sizes, cold)
         strategy = self.strategies[name]
         if recompute_ratio is not None and strategy.ratio_attr is not None:
             strategy = strategy.with_ratio(recompute_ratio)
@@ -203,12 +229,13 @@ class Planner:
 
     def _proving(self, bucket: str, sizes: tuple[int, int]) -> list[str]:
         """Strategies still worth judging in this bucket: too few samples, not disproven,
-        and (with a cost model) able to be faster than full prefill on this prompt."""
+        and (with a cost model) able to be faster than full prefill on this prompt once warm
+        (a shadow build is also how a cold strategy warms up)."""
         cm = self.cost_model
         return [n for n in AUTO_ORDER if n in self.strategies
                 and self._samples(n, bucket) < self.min_samples
                 and not self._disproven(n, bucket)
-                and (cm is None or cm.cheaper_than_full(n, *sizes))]
+                and (cm is None or self._cheaper(n, sizes, frozenset()))]
 
     def _judge(self, ctx: FusionContext, segments: Sequence[Segment], shadows: list[str],
                bucket: str) -> None:
