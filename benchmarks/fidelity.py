@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0,0.05,0.1,0.15,0.3,0.5")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--ape-grid", action="store_true", help="also sweep APE T and S")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated variant names to run (e.g. cacheblend,default,auto)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
@@ -148,6 +150,9 @@ def main() -> None:
     default = serving_planner(engine, seed=args.seed)
     auto = serving_planner(engine, default="auto", seed=args.seed)
     variants += [("default", None, default), ("auto", None, auto)]
+    if args.only:
+        keep = set(args.only.split(","))
+        variants = [v for v in variants if v[0] in keep]
     full = FullPrefill()
     rows: dict[str, list[dict]] = collections.defaultdict(list)
     per_prompt = []

@@ -151,7 +151,8 @@ def longctx() -> str:
         by = {r["length"]: r for r in s if r["strategy"] == n}
         rows.append([n] + [f"{by[x]['accuracy'] * 100:.0f} % ({by[x]['ttft_ms']:.0f} ms)"
                            for x in lengths])
-    return (f"{d['model']}, bf16 on the H100; {d['args']['per_cell']} needles per (length, "
+    gpu = (d.get("env") or {}).get("gpu") or "GPU"
+    return (f"{d['model']}, bf16 on the {gpu}; {d['args']['per_cell']} needles per (length, "
             f"depth) × {len(d['args']['depths'].split(','))} depths = "
             f"{s[0]['n']} prompts per length. Accuracy (median TTFT):\n\n"
             + table(["strategy"] + [f"{round(x / 1024)}K" for x in lengths], rows))
