@@ -15,6 +15,7 @@ import json
 import threading
 import time
 import uuid
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -54,6 +55,11 @@ class ChatReq(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
+    # as SGLang's OpenAI server: tools parsed into tool_calls, constrained where required
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
 
 
 def create_sglang_app(engine: Engine) -> FastAPI:
@@ -150,24 +156,92 @@ def create_sglang_app(engine: Engine) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    backend: dict = {}
+
+    def structured_backend():
+        """Tools and response_format need grammar-constrained decoding and the tool-call
+        parser: served by the embedded backend (continuous batching) over the same engine."""
+        if "b" not in backend:
+            from ctxcache.service.backends import EmbeddedBackend
+
+            backend["b"] = EmbeddedBackend(engine, store)
+        return backend["b"]
+
+    async def structured(req: ChatReq, p: SamplingParams, rid: str, created: int):
+        from ctxcache.service.backends import GenRequest
+        from ctxcache.structured import parse_tool_spec, response_schema
+
+        gen = GenRequest(params=p, messages=req.messages, tenant="sglang",
+                         tools=parse_tool_spec(req.tools, req.tool_choice,
+                                               req.parallel_tool_calls),
+                         schema=response_schema(req.response_format))
+        b = structured_backend()
+        await asyncio.to_thread(b.check, gen)
+        out = await asyncio.to_thread(b.generate, gen)
+        if not req.stream:
+            def collect():
+                parts, finish = [], None
+                for ch in out.chunks:
+                    parts.append(ch.text)
+                    finish = ch.finish_reason or finish
+                return "".join(parts), finish
+
+            text, finish = await asyncio.to_thread(collect)
+            calls = out.info.get("tool_calls") or []
+            msg = {"role": "assistant", "content": text or None}
+            if calls:
+                msg["tool_calls"] = [{k: v for k, v in c.items() if k != "index"}
+                                     for c in calls]
+            return {"id": rid, "object": "chat.completion", "created": created,
+                    "model": req.model, "usage": chat_usage(out.info),
+                    "choices": [{"index": 0, "message": msg,
+                                 "finish_reason": finish or "length"}]}
+
+        async def events():
+            q: asyncio.Queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+
+            def work():
+                for ch in out.chunks:
+                    loop.call_soon_threadsafe(q.put_nowait, ch)
+                loop.call_soon_threadsafe(q.put_nowait, None)
+
+            threading.Thread(target=work, daemon=True).start()
+            while (ch := await q.get()) is not None:
+                delta: dict = {"content": ch.text} if ch.text else {}
+                if ch.finish_reason and out.info.get("tool_calls"):
+                    delta["tool_calls"] = out.info["tool_calls"]
+                ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                      "model": req.model, "choices": [{"index": 0, "delta": delta,
+                                                       "finish_reason": ch.finish_reason}]}
+                yield f"data: {json.dumps(ev)}\n\n"
+            ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                  "model": req.model, "choices": [], "usage": chat_usage(out.info)}
+            yield f"data: {json.dumps(ev)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def chat_usage(info):
+        return {"prompt_tokens": info.get("prompt_tokens", 0),
+                "completion_tokens": info.get("completion_tokens", 0),
+                "total_tokens": info.get("prompt_tokens", 0) + info.get("completion_tokens", 0),
+                "prompt_tokens_details": {"cached_tokens": info.get("cached_tokens", 0)}}
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatReq):
-        ids = engine.chat_ids(req.messages)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         p = SamplingParams(max_tokens=req.max_tokens or 128, temperature=req.temperature,
                            top_p=req.top_p, stop=stop)
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
-
-        def usage(info):
-            return {"prompt_tokens": info.get("prompt_tokens", 0),
-                    "completion_tokens": info.get("completion_tokens", 0),
-                    "total_tokens": info.get("prompt_tokens", 0) + info.get("completion_tokens", 0),
-                    "prompt_tokens_details": {"cached_tokens": info.get("cached_tokens", 0)}}
+        if req.tools is not None or req.response_format is not None:
+            return await structured(req, p, rid, created)
+        ids = engine.chat_ids(req.messages)
 
         if not req.stream:
             text, finish, info = await asyncio.to_thread(last, ids, p)
             return {"id": rid, "object": "chat.completion", "created": created,
-                    "model": req.model, "usage": usage(info),
+                    "model": req.model, "usage": chat_usage(info),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": finish or "length"}]}
 
@@ -180,7 +254,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                                                        "finish_reason": finish}]}
                 yield f"data: {json.dumps(ev)}\n\n"
             ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                  "model": req.model, "choices": [], "usage": usage(info)}
+                  "model": req.model, "choices": [], "usage": chat_usage(info)}
             yield f"data: {json.dumps(ev)}\n\n"
             yield "data: [DONE]\n\n"
 

@@ -220,6 +220,67 @@ def test_openai_tool_calls_stream_as_deltas(client):
     jsonschema.validate(args, WEATHER["function"]["parameters"])
 
 
+def test_tools_and_response_format_pass_through_the_sglang_backend(qwen, tmp_path):
+    """The gateway with the SGLang backend passes tools, tool_choice and response_format to
+    SGLang's OpenAI endpoint and turns its tool_calls (whole or as deltas) back into OpenAI
+    tool calls. The server on the other side is our engine behind SGLang's HTTP schema
+    (``ctxcache engine --api sglang``), which honours these fields as SGLang does."""
+    from openai import OpenAI
+
+    from ctxcache.semantic import TransformerEmbedder
+    from ctxcache.service.app import create_app
+    from ctxcache.service.backends import SGLangBackend
+    from ctxcache.service.sglang_server import create_sglang_app
+    from tests.test_service import Server, make_gateway
+
+    sg = Server(create_sglang_app(qwen))
+    try:
+        # SGLang's schema itself: a required call comes back as tool_calls
+        r = httpx.post(sg.url + "/v1/chat/completions", timeout=300, json={
+            "model": "default", "max_tokens": 64, "tools": [ADD], "tool_choice": "required",
+            "messages": [{"role": "user", "content": "What is 17 plus 25?"}]}).json()
+        ch = r["choices"][0]
+        assert ch["finish_reason"] == "tool_calls"
+        assert ch["message"]["tool_calls"][0]["function"]["name"] == "add"
+        bad = httpx.post(sg.url + "/v1/chat/completions", timeout=60, json={
+            "model": "default", "tools": [{"type": "retrieval"}],
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert bad.status_code == 400 and "tools" in bad.text
+        gw = make_gateway(tmp_path, qwen, TransformerEmbedder(), backend=SGLangBackend(sg.url),
+                          model="qwen2.5-coder-0.5b-instruct")
+        srv = Server(create_app(gateway=gw))
+        try:
+            c = OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300)
+            r = c.chat.completions.create(
+                model="default", max_tokens=64, tools=[ADD, WEATHER], tool_choice="required",
+                messages=[{"role": "user", "content": "What is 17 plus 25? Use the add tool."}])
+            call = r.choices[0].message.tool_calls[0]
+            assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "add"
+            assert {"a", "b"} <= set(json.loads(call.function.arguments))
+            stream = c.chat.completions.create(
+                model="default", max_tokens=64, stream=True, tools=[WEATHER],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}])
+            deltas, finish = [], None
+            for ev in stream:
+                for ch in ev.choices:
+                    deltas += ch.delta.tool_calls or []
+                    finish = ch.finish_reason or finish
+            assert finish == "tool_calls" and deltas[0].function.name == "get_weather"
+            jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)),
+                                WEATHER["function"]["parameters"])
+            r = c.chat.completions.create(
+                model="default", max_tokens=64, messages=[
+                    {"role": "user", "content": "Invent a person."}],
+                response_format={"type": "json_schema", "json_schema": {
+                    "name": "person", "schema": SCHEMAS[0], "strict": True}})
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMAS[0])
+        finally:
+            srv.stop()
+    finally:
+        sg.stop()
+
+
 def test_openai_response_format_json_schema(client):
     schema = SCHEMAS[0]
     r = client.chat.completions.create(
