@@ -57,3 +57,39 @@ def test_research_team_uses_a_tool_and_hands_over(qwen_url):
     assert r1.final_output == "167882"
     assert "167" in r2.final_output.replace(",", "")  # the writer read the tool result
     assert r1.context_wrapper.usage.input_tokens > 0  # usage comes back through the SDK
+
+
+def test_team_shares_document_context_through_chunk_reuse(qwen_url):
+    """Two SDK agents with different instructions grounded on the same ingested document
+    (``extra_body`` document_ids): the document's chunk K/V is computed once, at ingestion, and
+    reused by both agents' requests — the SDK reports it as cached input tokens."""
+    import httpx
+
+    agents.set_tracing_disabled(True)
+    doc = ("Springfield Annual Report. The city of Springfield has 167882 inhabitants. Its "
+           "largest employer is the nuclear plant, with 2400 staff. The river Fox crosses the "
+           "city from north to south. The town hall was built in 1796.")
+    r = httpx.post(qwen_url + "/v1/documents", json={"documents": [
+        {"text": doc, "title": "report"}]}, timeout=300)
+    assert r.status_code == 200, r.text
+    doc_id = r.json()["data"][0]["id"]
+    model = agents.OpenAIChatCompletionsModel(
+        model=QWEN, openai_client=AsyncOpenAI(base_url=qwen_url + "/v1", api_key="none"))
+    grounded = agents.ModelSettings(temperature=0, max_tokens=32,
+                                    extra_body={"document_ids": [doc_id]})
+    analyst = agents.Agent(name="analyst", model=model, model_settings=grounded,
+                           instructions="Answer from the documents with one number.")
+    editor = agents.Agent(name="editor", model=model, model_settings=grounded,
+                          instructions="You are an editor. Quote the documents exactly.")
+
+    async def run():
+        a = await agents.Runner.run(analyst, "How many inhabitants does Springfield have?")
+        b = await agents.Runner.run(editor, "When was the town hall built?")
+        return a, b
+
+    a, b = asyncio.run(asyncio.wait_for(run(), 600))
+    assert "167882" in a.final_output.replace(",", "")
+    assert "1796" in b.final_output
+    for res in (a, b):  # both agents' prompts reused the document's chunk K/V
+        details = res.context_wrapper.usage.input_tokens_details
+        assert details.cached_tokens > 0, details
