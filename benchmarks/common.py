@@ -73,10 +73,22 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def _portable(obj):
+    """The payload without where this machine put things: output folders dropped, local
+    file paths (a model given by path) reduced to their file name."""
+    if isinstance(obj, dict):
+        return {k: (None if k == "out" else _portable(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_portable(x) for x in obj]
+    if isinstance(obj, str) and obj.startswith("/") and os.path.exists(obj):
+        return os.path.basename(obj.rstrip("/")).removesuffix(".gguf")
+    return obj
+
+
 def write_json(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
     out = Path(out_dir) if out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    path.write_text(json.dumps(_portable(payload), indent=2, default=str))
     print(f"\nwrote {path}")
     return path
