@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, print_table  # noqa: E402
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from ctxcache.engine import Engine, SamplingParams  # noqa: E402
 from ctxcache.engine.scheduler import EngineRequest, ServingEngine  # noqa: E402
 from ctxcache.fusion import FusionContext, Planner, Segment, default_strategies  # noqa: E402
@@ -263,11 +263,7 @@ def main() -> None:
            "validity": v, "tool_calls": tc, "tpot_constrained_p50_ms": tp_c * 1e3,
            "tpot_unconstrained_p50_ms": tp_f * 1e3, "overhead": tp_c / tp_f - 1,
            "mask_time": masks, "environment": environment(args.device)}
-    d = Path(args.out) if args.out else Path(__file__).parent / "results"
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"structured_{engine.name}_{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    write_json(f"structured_{engine.name}_{args.device.split(':')[0]}", out, args.out)
 
 
 if __name__ == "__main__":
