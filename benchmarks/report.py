@@ -69,16 +69,20 @@ def kvstore() -> str:
 
 def fidelity() -> str:
     parts = []
-    for name, title in (("fidelity_qwen2.5-coder-0.5b-instruct",
-                         "Qwen2.5-Coder-0.5B-Instruct (bf16, H100)"),
-                        ("fidelity", "SmolLM2-135M-Instruct (fp32, CPU)")):
+    for name in ("fidelity_qwen2.5-coder-0.5b-instruct",
+                 "before/fidelity_qwen2.5-coder-0.5b-instruct_h100", "fidelity"):
         d = load(name)
         if not d:
             continue
+        env = d.get("env") or {}
+        a = d.get("args") or {}
+        title = (f"{d['model']} ({a.get('dtype', '')}, {env.get('gpu') or env.get('device', '')})"
+                 + (" — earlier run" if name.startswith("before/") else ""))
         parts.append(
             f"**{title}** — SQuAD v1.1 dev, {d['prompts']} prompts of 4–10 passages (mean "
-            f"{d['mean_prompt_tokens']:.0f} tokens), greedy 32 tokens:\n\n" + table(
-                ["strategy", "first-token KL", "top-1 agree", "greedy-32 exact",
+            f"{d['mean_prompt_tokens']:.0f} tokens), greedy {a.get('tokens', 32)} tokens:\n\n"
+            + table(
+                ["strategy", "first-token KL", "top-1 agree", "greedy answer exact",
                  "matching tokens", "F1 vs gold", "F1 vs full answer", "F1 % of full",
                  "prefill FLOPs share"],
                 [[s["strategy"], s["first_token_kl"], s["top1_agreement"], s["greedy32_exact"],
@@ -87,6 +91,13 @@ def fidelity() -> str:
                  for s in d["summary"]]))
         if d.get("auto"):
             parts.append(f"`auto` served: {d['auto']['served']}")
+        agreement = (d.get("auto") or {}).get("answer_agreement")
+        if agreement:
+            parts.append("`auto`'s answer agreement with full prefill while proving "
+                         "(strategy, length bucket: checks, mean F1, share with F1 ≥ 0.8, "
+                         "its 90 % lower bound): " + "; ".join(
+                             f"{k}: {v['n']}, {v['mean_f1']:.2f}, {v['agreement']:.2f}, "
+                             f"{v['agreement_lower_bound']:.2f}" for k, v in agreement.items()))
     return "\n\n".join(parts) or "(not run)"
 
 

@@ -223,9 +223,9 @@ class Planner:
     def _disproven(self, name: str, bucket: str) -> bool:
         """Its agreement rate's upper confidence bound is already below the threshold."""
         a = self.tracker.answer_summary(name, bucket, self.judge.agree_f1)
-        n = a["n"]
-        return n > 0 and 1.0 - wilson_lower(n - round(a["agreement"] * n), n) < \
-            self.min_agreement
+        n = a["n"]  # half the proving samples at least: two unlucky checks drop nothing
+        return n >= max(1, self.min_samples // 2) and \
+            1.0 - wilson_lower(n - round(a["agreement"] * n), n) < self.min_agreement
 
     def _proving(self, bucket: str, sizes: tuple[int, int]) -> list[str]:
         """Strategies still worth judging in this bucket: too few samples, not disproven,
