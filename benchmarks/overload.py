@@ -1,7 +1,7 @@
 """Overload: a real gateway (``ctxcache serve``) driven at 10× its sustainable request rate.
 
-First the sustainable rate R is measured with one client sending requests back to back
-(generation-bound: ``max_concurrency`` requests run at a time). Then requests arrive open-loop
+First the sustainable rate R is measured with ``max_concurrency`` (16) clients each sending
+requests back to back (the batch the serving engine runs at once: its capacity). Then requests arrive open-loop
 at ``--factor`` × R for ``--seconds``. Reported: admitted throughput (200s per second) against
 R, how fast excess requests are refused (429) and with what, the slowest request (nothing may
 hang), and the gateway's resident memory before, at peak and after.
@@ -47,16 +47,26 @@ def one(client: httpx.Client, i: int, max_tokens: int) -> tuple[int, float]:
 
 
 def measure(url: str, pid: int, unloaded_s: float = 8.0, overload_s: float = 15.0,
-            factor: float = 10.0, max_tokens: int = 8, timeout_s: float = 60.0) -> dict:
+            factor: float = 10.0, max_tokens: int = 8, timeout_s: float = 60.0,
+            parallel: int = 16) -> dict:
+    """``parallel`` closed-loop clients measure the sustainable rate: with continuous
+    batching the gateway serves ``max_concurrency`` requests at once, so one client back to
+    back would understate its capacity (and "10×" of that would not overload it)."""
     client = httpx.Client(base_url=url, timeout=timeout_s,
                           limits=httpx.Limits(max_connections=1024))
     one(client, -1, max_tokens)  # warm-up
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < unloaded_s:
-        status, _ = one(client, n, max_tokens)
-        assert status == 200, status
-        n += 1
-    rate = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    counts = [0] * parallel
+
+    def loop(k: int) -> None:
+        while time.perf_counter() - t0 < unloaded_s:
+            status, _ = one(client, k * 1000 + counts[k], max_tokens)
+            assert status == 200, status
+            counts[k] += 1
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(loop, range(parallel)))
+    rate = sum(counts) / (time.perf_counter() - t0)
     rss_before = rss_mb(pid)
     peak = [rss_before]
     stop = threading.Event()
