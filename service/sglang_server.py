@@ -94,13 +94,13 @@ def create_sglang_app(engine: Engine) -> FastAPI:
             pass
         return out
 
-    async def produced(ids: list[int], p: SamplingParams):
-        """The (text, finish, info) steps of ``run``, produced in a worker thread."""
+    async def in_thread(items):
+        """The items of the (blocking) iterator ``items``, produced in a worker thread."""
         q: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         def work():
-            for item in run(ids, p):
+            for item in items:
                 loop.call_soon_threadsafe(q.put_nowait, item)
             loop.call_soon_threadsafe(q.put_nowait, None)
 
@@ -150,7 +150,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
             return {"text": text, "meta_info": meta(info, finish or "length", rid, t0)}
 
         async def events():
-            async for text, finish, info in produced(ids, p):
+            async for text, finish, info in in_thread(run(ids, p)):
                 yield f"data: {json.dumps({'text': text, 'meta_info': meta(info, finish, rid, t0)})}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -198,16 +198,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                                  "finish_reason": finish or "length"}]}
 
         async def events():
-            q: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-
-            def work():
-                for ch in out.chunks:
-                    loop.call_soon_threadsafe(q.put_nowait, ch)
-                loop.call_soon_threadsafe(q.put_nowait, None)
-
-            threading.Thread(target=work, daemon=True).start()
-            while (ch := await q.get()) is not None:
+            async for ch in in_thread(out.chunks):
                 delta: dict = {"content": ch.text} if ch.text else {}
                 if ch.finish_reason and out.info.get("tool_calls"):
                     delta["tool_calls"] = out.info["tool_calls"]
@@ -247,7 +238,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
 
         async def events():
             seen, info = "", {}
-            async for text, finish, info in produced(ids, p):
+            async for text, finish, info in in_thread(run(ids, p)):
                 delta, seen = text[len(seen):], text
                 ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
                       "model": req.model, "choices": [{"index": 0, "delta": {"content": delta},

@@ -186,6 +186,16 @@ def client(qwen_gateway):
     return OpenAI(base_url=qwen_gateway.url + "/v1", api_key="none", timeout=300)
 
 
+def streamed_tool_calls(stream) -> tuple[list, str | None]:
+    """(tool-call deltas, finish reason) of a streamed chat completion."""
+    deltas, finish = [], None
+    for ev in stream:
+        for c in ev.choices:
+            deltas += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    return deltas, finish
+
+
 def test_openai_tool_calling_round_trip(client):
     msgs = [{"role": "user", "content": "What is 17 plus 25? Use the add tool."}]
     r = client.chat.completions.create(model="default", messages=msgs, tools=[ADD, WEATHER],
@@ -210,11 +220,7 @@ def test_openai_tool_calls_stream_as_deltas(client):
         model="default", messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}],
         tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
         max_tokens=64, stream=True)
-    deltas, finish = [], None
-    for ev in stream:
-        for c in ev.choices:
-            deltas += c.delta.tool_calls or []
-            finish = c.finish_reason or finish
+    deltas, finish = streamed_tool_calls(stream)
     assert finish == "tool_calls" and deltas[0].function.name == "get_weather"
     args = json.loads("".join(d.function.arguments or "" for d in deltas))
     jsonschema.validate(args, WEATHER["function"]["parameters"])
@@ -261,11 +267,7 @@ def test_tools_and_response_format_pass_through_the_sglang_backend(qwen, tmp_pat
                 model="default", max_tokens=64, stream=True, tools=[WEATHER],
                 tool_choice={"type": "function", "function": {"name": "get_weather"}},
                 messages=[{"role": "user", "content": "Weather in Oslo, in celsius?"}])
-            deltas, finish = [], None
-            for ev in stream:
-                for ch in ev.choices:
-                    deltas += ch.delta.tool_calls or []
-                    finish = ch.finish_reason or finish
+            deltas, finish = streamed_tool_calls(stream)
             assert finish == "tool_calls" and deltas[0].function.name == "get_weather"
             jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)),
                                 WEATHER["function"]["parameters"])

@@ -54,7 +54,7 @@ def wilson_lower(successes: int, n: int, z: float = 1.2816) -> float:
 
 @dataclass
 class AnswerJudge:
-    """Greedy answers of ``tokens`` tokens from two prefills, compared by token F1.
+    """Greedy answers of ``tokens`` tokens from a prefill, compared by ``token_f1``.
 
     Decoding writes into each result's own buffer; the planner only judges builds made for the
     check (never the K/V a request is served from)."""
@@ -70,6 +70,3 @@ class AnswerJudge:
         return [c.token_id for c in stream_from_kv(
             self.engine, res.kv, res.logits, SamplingParams(max_tokens=self.tokens),
             context_group=res.context_group, storage=res.storage) if c.token_id is not None]
-
-    def __call__(self, ref: FusionResult, test: FusionResult) -> float:
-        return token_f1(self.answer(test), self.answer(ref))

@@ -274,7 +274,6 @@ class Planner:
         return out
 
 
-
 def serving_planner(engine, default: str = "cacheblend", recompute_ratio: float = 0.15,
                     cost_model: bool = True, judge: bool = True, background: bool = False,
                     **options) -> Planner:
