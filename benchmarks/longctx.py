@@ -50,6 +50,16 @@ STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
                                                           "sink_tokens": 0}),
               "cacheblend 15% sink4 per-chunk": ("cacheblend", {
                   "recompute_ratio": 0.15, "sink_tokens": 4, "per_chunk": True}),
+              "cacheblend 15% sink16": ("cacheblend", {"recompute_ratio": 0.15,
+                                                       "sink_tokens": 16}),
+              # question focus (CacheBlend's module docstring), on at every length here
+              "cacheblend 15% focus T=0.5": ("cacheblend", {
+                  "recompute_ratio": 0.15, "query_temperature": 0.5, "focus_from": 0}),
+              "cacheblend 15% focus T=0.7": ("cacheblend", {
+                  "recompute_ratio": 0.15, "query_temperature": 0.7, "focus_from": 0}),
+              "cacheblend 15% sink16 focus T=0.7": ("cacheblend", {
+                  "recompute_ratio": 0.15, "sink_tokens": 16, "query_temperature": 0.7,
+                  "focus_from": 0}),
               "cachecraft 15%": ("cachecraft", {"base_ratio": 0.15}),
               "ape": ("ape", {}),
               # APE's temperature / scale, for the sweep of the APE quality gate
@@ -60,8 +70,13 @@ STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
 DEFAULT = ["full", "naive", "cacheblend 5%", "cacheblend 15%", "cacheblend 30%",
            "cachecraft 15%", "ape", "default", "auto"]
 # planners, as the gateway builds them (``serving_planner``): its configured default strategy
-# under the cost guard, and ``auto`` proving strategies by answer agreement
-PLANNERS = ("default", "auto")
+# under the cost guard, and ``auto`` proving strategies by answer agreement; the "default …"
+# variants are candidate default configurations of CacheBlend, measured the same way
+PLANNERS = {"default": ("cacheblend", {}), "auto": ("auto", {}),
+            "default focus T=0.5": ("cacheblend", {"query_temperature": 0.5,
+                                                   "focus_from": 24000}),
+            "default focus T=0.7": ("cacheblend", {"query_temperature": 0.7,
+                                                   "focus_from": 24000})}
 
 
 KINDS = ("access", "security", "storage", "entry", "vault", "alarm", "gate", "locker")
@@ -176,9 +191,9 @@ def main() -> None:
     names = args.strategies.split(",")
     strats = {k: make_strategy(STRATEGIES[k][0], **STRATEGIES[k][1]) for k in names
               if k in STRATEGIES}
-    planners = {k: serving_planner(engine, default="auto" if k == "auto" else "cacheblend",
+    planners = {k: serving_planner(engine, default=PLANNERS[k][0], cacheblend=PLANNERS[k][1],
                                    seed=args.seed)
-                for k in PLANNERS if k in names}
+                for k in names if k in PLANNERS}
     store = KVStore([MemoryTier(40 << 30, args.device)], eviction="lru")
     ctx = FusionContext(engine, store, reserve_tokens=args.tokens)
     cells: dict = collections.defaultdict(list)

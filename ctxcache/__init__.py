@@ -5,7 +5,11 @@ that lets prompts built from known chunks (in any order) skip most of their pref
 The core library is importable without the web service's dependencies.
 """
 
-from ctxcache.errors import (
+from ctxcache._shadow import settle_kernels_name
+
+settle_kernels_name()
+
+from ctxcache.errors import (  # noqa: E402
     ChunkMismatchError,
     CtxCacheError,
     InvalidInputError,

@@ -304,6 +304,37 @@ def test_cacheblend_sink_tokens_and_per_chunk_budgets(ctx, engine):
         CacheBlend(0.15, sink_tokens=-1)
 
 
+def test_cacheblend_question_focus(ctx, engine):
+    """The two-pass focused build: at T = 1 it is plain CacheBlend (and full prefill at r = 1);
+    at T < 1 the question attends over the chunk span with APE's adjustment, kept for decode;
+    below ``focus_from`` tokens it is off."""
+    s = segs(engine)
+    ref = FullPrefill().build(ctx, s)
+    assert close(CacheBlend(1.0, focus_from=0).build(ctx, s).logits, ref.logits, 2e-3)
+    plain = CacheBlend(0.3).build(ctx, s)
+    same = CacheBlend(0.3, focus_from=0).build(ctx, s)
+    assert close(same.logits, plain.logits, 2e-3)
+    assert close(same.kv.k, plain.kv.k, 2e-3) and close(same.kv.v, plain.kv.v, 2e-3)
+    assert same.stats.recomputed_tokens >= plain.stats.recomputed_tokens
+    focused = CacheBlend(0.3, query_temperature=0.5, focus_from=0).build(ctx, s)
+    g = focused.context_group
+    assert g is not None and g.temperature == 0.5
+    assert g.start == len(s[0].token_ids)
+    assert g.end == len(ref.token_ids) - len(s[-1].token_ids)
+    assert not close(focused.logits, plain.logits, 1e-4)  # the adjustment is real
+    # the chunks' K/V is the same as plain CacheBlend's; only the question's rows differ
+    assert close(focused.kv.k[:, :, :g.end], plain.kv.k[:, :, :g.end], 2e-3)
+    text = engine.decode_ids([c.token_id for c in stream_from_kv(
+        engine, focused.kv, focused.logits, SamplingParams(max_tokens=8),
+        context_group=g, storage=focused.storage) if c.token_id is not None])
+    assert text.strip()
+    off = CacheBlend(0.3, query_temperature=0.5, focus_from=10 ** 6).build(ctx, s)
+    assert off.context_group is None and close(off.logits, plain.logits, 2e-3)
+    for bad in ({"query_temperature": 0.0}, {"query_temperature": 1.5}, {"focus_from": -1}):
+        with pytest.raises(InvalidInputError):
+            CacheBlend(0.15, **bad)
+
+
 def test_answer_judge_and_confidence_bound():
     from ctxcache.fusion.judge import bucket_of, token_f1, wilson_lower
 

@@ -97,6 +97,17 @@ def all_ids(pieces: Sequence[Piece]) -> list[int]:
     return [t for p in pieces for t in p.token_ids]
 
 
+def trailing_text_start(pieces: Sequence[Piece]) -> int:
+    """First slot of the trailing run of text pieces (the question); the prompt's length when
+    it ends in cached material."""
+    start = pieces[-1].end if pieces else 0
+    for p in reversed(pieces):
+        if p.role != "text":
+            break
+        start = p.start
+    return start
+
+
 def ids_array(pieces: Sequence[Piece]) -> np.ndarray:
     return np.concatenate([p.arr for p in pieces])
 

@@ -276,16 +276,18 @@ class Planner:
 
 def serving_planner(engine, default: str = "cacheblend", recompute_ratio: float = 0.15,
                     cost_model: bool = True, judge: bool = True, background: bool = False,
-                    **options) -> Planner:
+                    cacheblend: dict | None = None, **options) -> Planner:
     """The planner as the gateway builds it: the default strategy (or ``auto``) over every
     strategy, guarded by the cost model calibrated on this engine (first uses included), and
     judged by answer agreement. Benchmarks use it for their ``default`` row, so the row is
     what users are served. ``background`` calibrates in a thread (serving starts at once and
-    is guarded once the model is ready)."""
+    is guarded once the model is ready). ``cacheblend``: further CacheBlend options (e.g. its
+    question focus)."""
     from ctxcache.fusion import default_strategies
     from ctxcache.fusion.costmodel import load_or_calibrate
 
-    planner = Planner(default_strategies(cacheblend={"recompute_ratio": recompute_ratio}),
+    planner = Planner(default_strategies(cacheblend={"recompute_ratio": recompute_ratio,
+                                                     **(cacheblend or {})}),
                       default=default, judge=AnswerJudge(engine) if judge else None, **options)
     if cost_model:
         def calibrate() -> None:
