@@ -143,7 +143,7 @@ def main() -> None:
                   CacheBlend(0.15, sink_tokens=4, per_chunk=True))]
     variants += [("cachecraft", 0.15, CacheCraft(0.15)), ("ape", None, APE())]
     if args.ape_grid:
-        variants += [(f"ape T={t} S={s}", None, APE(t, s))
+        variants += [(f"ape T={t} S={s}", None, APE(t, s, long_temperature=None))
                      for t in (0.5, 0.7, 0.9, 1.0) for s in (0.7, 0.9, 1.0)]
     # the planners as the gateway builds them: its default strategy under the cost guard, and
     # ``auto`` proving strategies by answer agreement

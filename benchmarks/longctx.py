@@ -39,6 +39,7 @@ from ctxcache.fusion import FusionContext, Segment, make_strategy  # noqa: E402
 from ctxcache.fusion.planner import serving_planner  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
+FIXED = {"long_temperature": None}
 STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
               "cacheblend 5%": ("cacheblend", {"recompute_ratio": 0.05, "sink_tokens": 0}),
               "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15, "sink_tokens": 0}),
@@ -62,21 +63,18 @@ STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
                   "focus_from": 0}),
               "cachecraft 15%": ("cachecraft", {"base_ratio": 0.15}),
               "ape": ("ape", {}),
-              # APE's temperature / scale, for the sweep of the APE quality gate
-              "ape T=1 S=1": ("ape", {"temperature": 1.0, "scale": 1.0}),
-              "ape T=0.7 S=0.9": ("ape", {"temperature": 0.7, "scale": 0.9}),
-              "ape T=0.5 S=0.9": ("ape", {"temperature": 0.5, "scale": 0.9}),
-              "ape T=0.9 S=0.5": ("ape", {"temperature": 0.9, "scale": 0.5})}
+              # APE's temperature / scale, for the sweep of the APE quality gate (one T at
+              # every length: no long-context switch)
+              "ape T=1 S=1": ("ape", {"temperature": 1.0, "scale": 1.0, **FIXED}),
+              "ape T=0.7 S=0.9": ("ape", {"temperature": 0.7, "scale": 0.9, **FIXED}),
+              "ape T=0.5 S=0.9": ("ape", {"temperature": 0.5, "scale": 0.9, **FIXED}),
+              "ape T=0.9 S=0.5": ("ape", {"temperature": 0.9, "scale": 0.5, **FIXED})}
 DEFAULT = ["full", "naive", "cacheblend 5%", "cacheblend 15%", "cacheblend 30%",
            "cachecraft 15%", "ape", "default", "auto"]
 # planners, as the gateway builds them (``serving_planner``): its configured default strategy
-# under the cost guard, and ``auto`` proving strategies by answer agreement; the "default …"
-# variants are candidate default configurations of CacheBlend, measured the same way
-PLANNERS = {"default": ("cacheblend", {}), "auto": ("auto", {}),
-            "default focus T=0.5": ("cacheblend", {"query_temperature": 0.5,
-                                                   "focus_from": 24000}),
-            "default focus T=0.7": ("cacheblend", {"query_temperature": 0.7,
-                                                   "focus_from": 24000})}
+# (CacheBlend, routed to APE from 24K tokens) under the cost guard, and ``auto`` proving
+# strategies by answer agreement
+PLANNERS = {"default": ("cacheblend", {}), "auto": ("auto", {})}
 
 
 KINDS = ("access", "security", "storage", "entry", "vault", "alarm", "gate", "locker")

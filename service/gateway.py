@@ -199,8 +199,11 @@ class Gateway:
         engine = Engine.load(s.model, device=s.device, dtype=s.dtype)
         if self.store is None:
             self.store = build_store(s, device=s.device)
+        route = None if s.long_context_strategy == "none" else (s.long_context_tokens,
+                                                                s.long_context_strategy)
         planner = serving_planner(engine, s.strategy, s.recompute_ratio,
-                                  cost_model=s.cost_model == "on", background=True)
+                                  cost_model=s.cost_model == "on", background=True,
+                                  long_context=route)
         return EmbeddedBackend(engine, self.store, planner, max_running=s.concurrency,
                                max_prefill_tokens=s.max_prefill_tokens, kv_bytes=s.kv_pool_bytes,
                                kv_fraction=s.kv_pool_fraction, block_size=s.kv_block_size,

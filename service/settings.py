@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     kv_eviction: Literal["lru", "gdsf"] = "gdsf"
     strategy: str = "cacheblend"  # default reuse strategy, or "auto"
     recompute_ratio: float = 0.15
+    # the default strategy's route for long prompts: from this many prompt tokens on, serve
+    # with this strategy instead (CacheBlend loses far needles at 32K where APE keeps them;
+    # README, "Long context"); "none" keeps the default at every length
+    long_context_strategy: str = "ape"
+    long_context_tokens: int = Field(24000, ge=0)
     # time full prefill and each strategy on this engine once (cached on disk) so that `auto`
     # and the default strategy fall back to full prefill where reuse would be slower
     cost_model: Literal["on", "off"] = "on"

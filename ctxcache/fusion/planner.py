@@ -15,6 +15,12 @@ with the lowest predicted time for this prompt (counting chunks that still have 
 and full prefill whenever that is predicted faster — so the cache never makes a request slower.
 The same guard applies to the configured default strategy (an explicit per-request strategy is
 honoured as asked).
+
+``long_context`` = (tokens, strategy) routes the default's prompts of at least that many tokens
+to another strategy: on the GPU needle test CacheBlend keeps 100 % of full prefill's retrieval
+at 4–16K but 85 % at 32K (it loses needles in the first chunk), while APE with its long-context
+temperature keeps 95 % at 32K — so the gateway's default is CacheBlend below 24K tokens and APE
+above (``benchmarks/longctx.py``; README, "Long context").
 """
 
 from __future__ import annotations
@@ -78,13 +84,19 @@ class Planner:
     def __init__(self, strategies: dict[str, FusionStrategy], default: str = "cacheblend",
                  min_top1: float = 0.9, min_samples: int = 10, sample_rate: float = 0.05,
                  seed: int | None = None, cost_model: CostModel | None = None,
-                 judge: AnswerJudge | None = None, min_agreement: float = 0.85):
+                 judge: AnswerJudge | None = None, min_agreement: float = 0.85,
+                 long_context: tuple[int, str] | None = None):
         if default != "auto" and default not in strategies:
             raise InvalidInputError(f"unknown default strategy {default!r}")
+        if long_context is not None and (long_context[1] not in strategies or
+                                         long_context[0] < 0):
+            raise InvalidInputError(f"long_context needs (tokens >= 0, a strategy of "
+                                    f"{sorted(strategies)}), not {long_context!r}")
         if "full" not in strategies:
             raise InvalidInputError("the planner needs the 'full' strategy as its fallback")
         self.strategies = strategies
         self.default = default
+        self.long_context = long_context
         self.min_top1 = min_top1
         self.min_samples = min_samples
         self.sample_rate = sample_rate
@@ -122,13 +134,18 @@ class Planner:
         return cm.cheaper_than_full(name, *sizes)
 
     def choose(self, requested: str | None = None, sizes: tuple[int, int] | None = None,
-               cold: frozenset = frozenset()) -> tuple[str, str | None]:
+               cold: frozenset = frozenset(), route: bool = True) -> tuple[str, str | None]:
         """(strategy to serve with, strategy to evaluate in the shadow or None).
 
         ``sizes`` = (prompt tokens, tokens of chunks not cached yet) lets the cost model veto
         reuse that would be slower than full prefill (``auto`` and the configured default);
-        ``cold`` names strategies that would run their slower first-use mode on this prompt."""
+        ``cold`` names strategies that would run their slower first-use mode on this prompt;
+        ``route`` False keeps the default off its long-context route (a request that sets the
+        default's recompute ratio is served by that strategy, so the ratio is honoured)."""
         name = requested or self.default
+        if route and requested is None and name != "auto" and self.long_context is not None and \
+                sizes is not None and sizes[0] >= self.long_context[0]:
+            name = self.long_context[1]
         cm = self.cost_model if sizes is not None else None
         if name != "auto":
             if name not in self.strategies:
@@ -190,9 +207,10 @@ class Planner:
         """Build with the chosen strategy; ``recompute_ratio`` overrides the ratio of a
         strategy that has one (full prefill, if chosen, recomputes everything anyway)."""
         sizes = self.sizes(ctx, segments) if (self.cost_model is not None or
-                                               self.judge is not None) else None
+                                               self.judge is not None or
+                                               self.long_context is not None) else None
         cold = self._cold(ctx, segments) if self.cost_model is not None else frozenset()
-        name, shadow = self.choose(requested, sizes, cold)
+        name, shadow = self.choose(requested, sizes, cold, route=recompute_ratio is None)
         strategy = self.strategies[name]
         if recompute_ratio is not None and strategy.ratio_attr is not None:
             strategy = strategy.with_ratio(recompute_ratio)
@@ -264,7 +282,7 @@ class Planner:
 
     def describe(self) -> dict:
         """Fidelity per strategy, how often each served, and the cost model in use."""
-        out = {"default": self.default, "fidelity": self.report(), "served": dict(self.served)}
+        out = {"default": self.default, "long_context": self.long_context, "fidelity": self.report(), "served": dict(self.served)}
         if self.judge is not None:
             out["answer_agreement"] = self.answer_report()
             out["served_by_bucket"] = {f"{n} {b}": c for (n, b), c in
@@ -276,19 +294,23 @@ class Planner:
 
 def serving_planner(engine, default: str = "cacheblend", recompute_ratio: float = 0.15,
                     cost_model: bool = True, judge: bool = True, background: bool = False,
-                    cacheblend: dict | None = None, **options) -> Planner:
+                    cacheblend: dict | None = None,
+                    long_context: tuple[int, str] | None = (24000, "ape"),
+                    **options) -> Planner:
     """The planner as the gateway builds it: the default strategy (or ``auto``) over every
     strategy, guarded by the cost model calibrated on this engine (first uses included), and
     judged by answer agreement. Benchmarks use it for their ``default`` row, so the row is
     what users are served. ``background`` calibrates in a thread (serving starts at once and
     is guarded once the model is ready). ``cacheblend``: further CacheBlend options (e.g. its
-    question focus)."""
+    question focus); ``long_context``: the default's route for long prompts (None: off;
+    ignored under ``auto``, which proves strategies per length bucket instead)."""
     from ctxcache.fusion import default_strategies
     from ctxcache.fusion.costmodel import load_or_calibrate
 
     planner = Planner(default_strategies(cacheblend={"recompute_ratio": recompute_ratio,
                                                      **(cacheblend or {})}),
-                      default=default, judge=AnswerJudge(engine) if judge else None, **options)
+                      default=default, judge=AnswerJudge(engine) if judge else None,
+                      long_context=long_context if default != "auto" else None, **options)
     if cost_model:
         def calibrate() -> None:
             try:
