@@ -183,6 +183,8 @@ def main() -> None:
             res = strat.run(ctx, segs) if isinstance(strat, Planner) else strat.build(ctx, segs)
             dt = time.perf_counter() - t0
             ids = greedy(engine, res, args.tokens)
+            if isinstance(strat, Planner):  # its answer checks run after the request
+                strat.drain()
             text = engine.decode_ids(ids)
             match = 0
             for a, b in zip(ids, ref_ids):

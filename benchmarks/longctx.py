@@ -212,6 +212,8 @@ def main() -> None:
             res.logits.argmax().item()
             ttft = time.perf_counter() - t0
             ids = answer(engine, res, args.tokens)
+            if name in planners:  # its answer checks run after the request (idle time)
+                planners[name].drain()
             text = engine.decode_ids(ids)
             ok = correct(text, h["answers"])
             if name == "full":

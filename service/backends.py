@@ -102,6 +102,8 @@ class EmbeddedBackend(Backend):
             default_strategies(cacheblend={"recompute_ratio": recompute_ratio}),
             default="cacheblend")
         self.serving = serving or ServingEngine(engine, **serving_options)
+        if self.planner.defer_checks:  # answer checks run while the engine is idle
+            self.serving.idle_work = self.planner.run_deferred
 
     def _segments_for_chat(self, messages: list[dict], tools: list[dict] | None = None
                            ) -> list[Segment]:

@@ -372,3 +372,37 @@ def test_planner_proves_strategies_by_answer_agreement(ctx, engine):
     # a different length bucket is not proven by these samples
     long = segs(engine, docs=DOCS * 120)
     assert planner.choose(None, Planner.sizes(ctx, long))[0] == "full"
+
+
+def test_default_routes_long_prompts_and_ape_sharpens_there(ctx, engine):
+    """The default strategy's long-context route (``long_context``), APE's long-context
+    temperature, and the cost guard refusing a strategy it has no timing for."""
+    from ctxcache.fusion.costmodel import CostModel
+
+    s = segs(engine)
+    n = Planner.sizes(ctx, s)[0]
+    planner = Planner(default_strategies(), default="cacheblend", sample_rate=0.0,
+                      long_context=(n, "ape"))
+    assert planner.run(ctx, s).stats.extra["planner"]["served"] == "ape"
+    # an explicit strategy, or the default's own recompute ratio, is honoured as asked
+    assert planner.run(ctx, s, requested="cacheblend").stats.strategy == "cacheblend"
+    assert planner.run(ctx, s, recompute_ratio=0.3).stats.strategy == "cacheblend"
+    short = Planner(default_strategies(), default="cacheblend", sample_rate=0.0,
+                    long_context=(n + 1, "ape"))
+    assert short.run(ctx, s).stats.extra["planner"]["served"] == "cacheblend"
+    for bad in ((n, "zzz"), (-1, "ape")):
+        with pytest.raises(InvalidInputError):
+            Planner(default_strategies(), long_context=bad)
+    ape = APE(0.9, 0.9, long_temperature=0.5, long_from=n)
+    assert ape.temperature_for(n - 1) == 0.9 and ape.temperature_for(n) == 0.5
+    sharp = ape.build(ctx, s)
+    assert sharp.context_group.temperature == 0.5 and sharp.stats.extra["temperature"] == 0.5
+    fixed = APE(0.9, 0.9, long_temperature=None).build(ctx, s)
+    assert fixed.context_group.temperature == 0.9
+    assert not close(sharp.logits, fixed.logits, 1e-4)
+    with pytest.raises(InvalidInputError):
+        APE(long_temperature=0.0)
+    # no timing for a strategy: not known to be cheaper, so never picked by the guard
+    cm = CostModel({"full": [0.5, 0.0, 0.0], "cacheblend": [0.1, 0.0, 0.0]})
+    assert cm.cheaper_than_full("cacheblend", 100) and not cm.cheaper_than_full("kvcomm", 100)
+    assert CostModel({}).cheaper_than_full("kvcomm", 100)  # no model: nothing to guard

@@ -259,3 +259,31 @@ def test_many_threads_submit_concurrently(setup):
         se.close()
     assert len(out) == 6 and all(isinstance(v, str) for v in out.values())
     assert max(len(se.running), 0) == 0 and se.stats["prefills"] == 6
+
+
+def test_deferred_answer_checks_run_when_the_engine_is_idle(setup):
+    """With ``defer_checks`` a sampled request is served without waiting for its answer check;
+    the serving engine runs the check afterwards, while nothing else is waiting or running."""
+    from ctxcache.fusion.judge import AnswerJudge
+
+    engine, ctx, _ = setup
+    planner = Planner(default_strategies(), default="cacheblend", sample_rate=1.0,
+                      judge=AnswerJudge(engine, tokens=4), defer_checks=True, seed=0)
+    se = ServingEngine(engine, max_running=2, kv_bytes=64 << 20)
+    se.idle_work = planner.run_deferred
+    se.start()
+    try:
+        segs = _rag(engine, QUESTIONS[0])
+        h = _submit(se, planner, ctx, segs, None, SamplingParams(max_tokens=4))
+        assert "".join(c.text for c in h) is not None
+        assert len(planner.deferred) + sum(
+            v["n"] for v in planner.answer_report().values()) == 1  # queued or done, once
+        deadline = time.time() + 120
+        while not planner.answer_report() and time.time() < deadline:
+            time.sleep(0.05)
+        report = planner.answer_report()
+    finally:
+        se.close()
+    assert not planner.deferred
+    assert sum(v["n"] for v in report.values()) == 1, report
+    assert planner.describe()["dropped_checks"] == 0

@@ -150,6 +150,9 @@ class ServingEngine:
                       # what sharing saves), at the step where each peaked
                       "peak_blocks_used": 0, "peak_blocks_mapped": 0}
         self._t_tokens: deque = deque(maxlen=4096)  # (time, n) for tokens/s
+        # background work run only while nothing is waiting or running (the planner's
+        # deferred answer checks); returns True when it did something
+        self.idle_work: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------------ public API
     def start(self) -> "ServingEngine":
@@ -198,8 +201,17 @@ class ServingEngine:
                 **st, "runner": self.runner.describe()}
 
     # ------------------------------------------------------------------ loop
+    def _idle(self) -> bool:
+        return not self._inbox and not self.waiting and not self.running and not self.swapped
+
     def _loop(self) -> None:
         while True:
+            if self.idle_work is not None and not self._stop and self._idle():
+                try:
+                    if self.idle_work():
+                        continue
+                except Exception:  # noqa: BLE001 - background work must not stop serving
+                    log.exception("idle work failed")
             with self._cv:
                 while not self._stop and not self._inbox and not self.waiting and \
                         not self.running and not self.swapped:

@@ -54,8 +54,14 @@ class CostModel:
 
     def cheaper_than_full(self, strategy: str, n: int, missing: int = 0,
                           margin: float = 0.95) -> bool:
+        """A strategy this model has no timing for is not known to be cheaper, so it is not
+        (KVCOMM on a prompt without anchors recomputes its segments in full: served as
+        "reuse", it was slower than full prefill on every request of the GPU long-context
+        run). Without a timing of full prefill there is nothing to guard against."""
         mine, full = self.predict(strategy, n, missing), self.predict("full", n)
-        return mine is None or full is None or mine <= margin * full
+        if full is None:
+            return True
+        return mine is not None and mine <= margin * full
 
     def to_json(self) -> str:
         return json.dumps({"key": self.key, "coeffs": self.coeffs, "measured": self.measured})

@@ -85,7 +85,7 @@ class Planner:
                  min_top1: float = 0.9, min_samples: int = 10, sample_rate: float = 0.05,
                  seed: int | None = None, cost_model: CostModel | None = None,
                  judge: AnswerJudge | None = None, min_agreement: float = 0.85,
-                 long_context: tuple[int, str] | None = None):
+                 long_context: tuple[int, str] | None = None, defer_checks: bool = False):
         if default != "auto" and default not in strategies:
             raise InvalidInputError(f"unknown default strategy {default!r}")
         if long_context is not None and (long_context[1] not in strategies or
@@ -97,6 +97,13 @@ class Planner:
         self.strategies = strategies
         self.default = default
         self.long_context = long_context
+        # answer checks (shadow full prefill + the strategy, both decoded) run after the
+        # request instead of inside it: ``run_deferred`` when the server is idle, a bounded
+        # queue that drops the oldest under sustained load (fewer checks, never a slower
+        # request)
+        self.defer_checks = defer_checks
+        self.deferred: deque = deque(maxlen=16)
+        self.dropped_checks = 0
         self.min_top1 = min_top1
         self.min_samples = min_samples
         self.sample_rate = sample_rate
@@ -223,7 +230,13 @@ class Planner:
                 # min_samples × strategies
                 shadows = [shadow] if name != "full" or requested is not None or \
                     self.default != "auto" else self._proving(bucket, sizes) or [shadow]
-                self._judge(ctx, segments, shadows, bucket)
+                if self.defer_checks:
+                    with self._lock:
+                        if len(self.deferred) == self.deferred.maxlen:
+                            self.dropped_checks += 1
+                        self.deferred.append((ctx, list(segments), shadows, bucket))
+                else:
+                    self._judge(ctx, segments, shadows, bucket)
             else:
                 ref = result if name == "full" else self.strategies["full"].build(ctx, segments)
                 test = result if shadow == name else self.strategies[shadow].build(ctx, segments)
@@ -237,6 +250,26 @@ class Planner:
             if sizes is not None:
                 self.served_by_bucket[(name, bucket_of(sizes[0]))] += 1
         return result
+
+    def run_deferred(self) -> bool:
+        """Run one deferred answer check; False when none is waiting (the serving engine
+        calls this while it has nothing else to do)."""
+        with self._lock:
+            if not self.deferred:
+                return False
+            ctx, segments, shadows, bucket = self.deferred.popleft()
+        try:
+            self._judge(ctx, segments, shadows, bucket)
+        except Exception:  # noqa: BLE001 - a failed check must not stop serving
+            log.exception("deferred answer check failed")
+        return True
+
+    def drain(self) -> int:
+        """Run every deferred check now (benchmarks, between timed requests)."""
+        n = 0
+        while self.run_deferred():
+            n += 1
+        return n
 
     def _disproven(self, name: str, bucket: str) -> bool:
         """Its agreement rate's upper confidence bound is already below the threshold."""
@@ -282,7 +315,9 @@ class Planner:
 
     def describe(self) -> dict:
         """Fidelity per strategy, how often each served, and the cost model in use."""
-        out = {"default": self.default, "long_context": self.long_context, "fidelity": self.report(), "served": dict(self.served)}
+        out = {"default": self.default, "long_context": self.long_context,
+               "deferred_checks": len(self.deferred), "dropped_checks": self.dropped_checks,
+               "fidelity": self.report(), "served": dict(self.served)}
         if self.judge is not None:
             out["answer_agreement"] = self.answer_report()
             out["served_by_bucket"] = {f"{n} {b}": c for (n, b), c in
@@ -303,14 +338,16 @@ def serving_planner(engine, default: str = "cacheblend", recompute_ratio: float 
     what users are served. ``background`` calibrates in a thread (serving starts at once and
     is guarded once the model is ready). ``cacheblend``: further CacheBlend options (e.g. its
     question focus); ``long_context``: the default's route for long prompts (None: off;
-    ignored under ``auto``, which proves strategies per length bucket instead)."""
+    ignored under ``auto``, which proves strategies per length bucket instead). Answer checks
+    are deferred to idle time (``run_deferred``), so no request waits for one."""
     from ctxcache.fusion import default_strategies
     from ctxcache.fusion.costmodel import load_or_calibrate
 
     planner = Planner(default_strategies(cacheblend={"recompute_ratio": recompute_ratio,
                                                      **(cacheblend or {})}),
                       default=default, judge=AnswerJudge(engine) if judge else None,
-                      long_context=long_context if default != "auto" else None, **options)
+                      long_context=long_context if default != "auto" else None,
+                      defer_checks=True, **options)
     if cost_model:
         def calibrate() -> None:
             try:
