@@ -276,8 +276,6 @@ def test_deferred_answer_checks_run_when_the_engine_is_idle(setup):
         segs = _rag(engine, QUESTIONS[0])
         h = _submit(se, planner, ctx, segs, None, SamplingParams(max_tokens=4))
         assert "".join(c.text for c in h) is not None
-        assert len(planner.deferred) + sum(
-            v["n"] for v in planner.answer_report().values()) == 1  # queued or done, once
         deadline = time.time() + 120
         while not planner.answer_report() and time.time() < deadline:
             time.sleep(0.05)
