@@ -213,8 +213,7 @@ class ServingEngine:
                 except Exception:  # noqa: BLE001 - background work must not stop serving
                     log.exception("idle work failed")
             with self._cv:
-                while not self._stop and not self._inbox and not self.waiting and \
-                        not self.running and not self.swapped:
+                while not self._stop and self._idle():
                     self._cv.wait()
                 if self._stop:
                     break

@@ -48,7 +48,7 @@ class APE(FusionStrategy):
                  long_temperature: float | None = 0.5, long_from: int = 24000):
         if not 0.0 < temperature <= 4.0 or not 0.0 < scale <= 4.0 or \
                 (long_temperature is not None and not 0.0 < long_temperature <= 4.0):
-            raise InvalidInputError("APE temperature and scale must be in (0, 4]")
+            raise InvalidInputError("APE temperature, long_temperature and scale must be in (0, 4]")
         if long_from < 0:
             raise InvalidInputError("APE long_from must be >= 0")
         self.temperature = temperature
