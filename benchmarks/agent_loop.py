@@ -11,10 +11,14 @@ Per step, side by side on one model object:
 
 * **reuse** — one tenant for the whole loop: the previous steps' segments are in the store, so
   only the new messages are prefilled;
-* **full** — a fresh tenant every step: nothing cached, the whole prompt is prefilled.
+* **full** — a fresh tenant every step: nothing cached, the whole prompt is prefilled;
+* **new only** — the floor: the engine prefills just the tokens the reuse request did not find
+  cached, over the rest of the prompt's K/V already resident on the device, and picks the first
+  token (no store lookup, no scheduling, no serving engine). ``reuse / new only`` is what the
+  gateway's reuse path costs above that floor.
 
-Reported: prompt tokens, tokens served from cache, TTFT of both, their ratio, and whether the
-first ``--tokens`` greedy tokens agree (prefix reuse is exact: they must).
+Reported: prompt tokens, tokens served from cache, TTFT of the three, the ratios, and whether
+the first ``--tokens`` greedy tokens agree (prefix reuse is exact: they must).
 
     python benchmarks/agent_loop.py                                  # CPU, Qwen2.5-Coder-0.5B
     python benchmarks/agent_loop.py --device cuda --dtype bfloat16 --model <dir or gguf>
@@ -40,6 +44,7 @@ from ctxcache.engine import Engine, SamplingParams  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 from ctxcache.service.backends import EmbeddedBackend, GenRequest  # noqa: E402
 from ctxcache.structured import parse_tool_spec  # noqa: E402
+from ctxcache.structured.tools import template_messages  # noqa: E402
 
 TOOLS = [
     {"type": "function", "function": {
@@ -85,6 +90,22 @@ def run_step(backend: EmbeddedBackend, messages: list[dict], tenant: str, tokens
             "cached_tokens": stream.info.get("cached_tokens", 0), "ids": ids}
 
 
+def new_only_ttft(engine: Engine, messages: list[dict], tools: list[dict], cached: int,
+                  prompt_tokens: int, sync) -> float:
+    """Seconds to prefill the prompt's tokens after ``cached`` over the first ``cached``
+    tokens' K/V (computed beforehand, untimed) and take the greedy first token."""
+    ids, _ = engine.chat_segments(template_messages(messages), tools)  # the gateway's prompt
+    if len(ids) != prompt_tokens:
+        raise SystemExit(f"the floor's prompt has {len(ids)} tokens, the gateway's "
+                         f"{prompt_tokens}: they must be the same prompt")
+    kv = engine.prefill(ids[:cached], logits="none").kv if cached else None
+    sync()
+    t0 = time.perf_counter()
+    out = engine.prefill(ids[cached:], kv=kv)
+    out.logits.argmax().item()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -103,6 +124,7 @@ def main() -> None:
     backend = EmbeddedBackend(engine, store, max_running=1)
     tools = parse_tool_spec(TOOLS, "auto", None)
     rng = random.Random(args.seed)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     system = {"role": "system", "content": "You are a research agent. Use the tools to find "
                                            "facts, then answer in one sentence."}
     # warm-up: kernels, allocator, template
@@ -115,7 +137,11 @@ def main() -> None:
         for k in range(args.steps + 1):
             reuse = run_step(backend, msgs, f"loop-{e}", args.tokens, tools)
             full = run_step(backend, msgs, f"full-{e}-{k}", args.tokens, tools)
-            rec = per_step.setdefault(k, {"reuse": [], "full": [], "prompt": [], "cached": []})
+            new = new_only_ttft(engine, msgs, tools.rendered(), reuse["cached_tokens"],
+                                reuse["prompt_tokens"], sync)
+            rec = per_step.setdefault(k, {"reuse": [], "full": [], "new": [], "prompt": [],
+                                          "cached": []})
+            rec["new"].append(new)
             rec["reuse"].append(reuse["ttft_s"])
             rec["full"].append(full["ttft_s"])
             rec["prompt"].append(reuse["prompt_tokens"])
@@ -129,22 +155,29 @@ def main() -> None:
     rows, steps_out = [], []
     for k, r in sorted(per_step.items()):
         ru, fu = statistics.median(r["reuse"]), statistics.median(r["full"])
+        nu = statistics.median(r["new"])
         row = {"step": k, "prompt_tokens": int(statistics.median(r["prompt"])),
                "cached_tokens": int(statistics.median(r["cached"])),
-               "ttft_reuse_ms": ru * 1e3, "ttft_full_ms": fu * 1e3, "speedup": fu / ru}
+               "ttft_reuse_ms": ru * 1e3, "ttft_full_ms": fu * 1e3,
+               "ttft_new_only_ms": nu * 1e3, "speedup": fu / ru, "reuse_over_new_only": ru / nu}
         rows.append(list(row.values()))
         row["ttft_reuse_ms_each"] = [round(x * 1e3, 2) for x in r["reuse"]]
         row["ttft_full_ms_each"] = [round(x * 1e3, 2) for x in r["full"]]
+        row["ttft_new_only_ms_each"] = [round(x * 1e3, 2) for x in r["new"]]
         steps_out.append(row)
     print_table(f"agent loop — {args.model} on {args.device}, {args.episodes} episodes, "
                 f"median TTFT per step", ["step", "prompt tok", "cached tok", "TTFT reuse ms",
-                                          "TTFT full ms", "full / reuse"], rows)
+                                          "TTFT full ms", "TTFT new only ms", "full / reuse",
+                                          "reuse / new only"], rows)
     print(f"  first {args.tokens} greedy tokens equal to full prefill: {agree}/{total}")
     backend.close()
     write_json(f"agent_loop_{engine.name}_{args.device.split(':')[0]}", {
         "benchmark": "agent_loop", "model": engine.name, "device": args.device,
         "dtype": dtype, "episodes": args.episodes, "steps": steps_out,
-        "greedy_agreement": f"{agree}/{total}", "environment": environment(args.device)},
+        "greedy_agreement": f"{agree}/{total}",
+        "reuse_over_new_only_median": statistics.median(
+            s["reuse_over_new_only"] for s in steps_out if s["cached_tokens"]),
+        "environment": environment(args.device)},
         args.out)
 
 

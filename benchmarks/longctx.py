@@ -40,7 +40,9 @@ from ctxcache.fusion.planner import serving_planner  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 
 FIXED = {"long_temperature": None}
-STRATEGIES = {"full": ("full", {}), "naive": ("naive", {}),
+# "full (repeat)": full prefill again on the same prompt right after the others (is the first
+# build of a prompt slower than a repeat? the timing of every row depends on it)
+STRATEGIES = {"full": ("full", {}), "full (repeat)": ("full", {}), "naive": ("naive", {}),
               "cacheblend 5%": ("cacheblend", {"recompute_ratio": 0.05, "sink_tokens": 0}),
               "cacheblend 15%": ("cacheblend", {"recompute_ratio": 0.15, "sink_tokens": 0}),
               "cacheblend 30%": ("cacheblend", {"recompute_ratio": 0.30, "sink_tokens": 0}),

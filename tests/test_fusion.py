@@ -374,6 +374,36 @@ def test_planner_proves_strategies_by_answer_agreement(ctx, engine):
     assert planner.choose(None, Planner.sizes(ctx, long))[0] == "full"
 
 
+def test_auto_keeps_judging_until_the_bound_decides(ctx, engine):
+    """A strategy past ``min_samples`` whose bound has not decided (9 of 10 agree: neither
+    proven at 0.85 nor disproven) is still judged; 10 of 10 proves it; one that fills the
+    tracker's window undecided stops costing checks."""
+    from ctxcache.fusion.judge import AnswerJudge
+
+    planner = Planner(default_strategies(), default="auto", min_samples=10, sample_rate=0.0,
+                      min_agreement=0.85, judge=AnswerJudge(engine, tokens=4), seed=0)
+    s = segs(engine)
+    sizes = Planner.sizes(ctx, s)
+    bucket = "<=4096"
+    for f1 in [1.0] * 9 + [0.0]:
+        planner.tracker.record_answer("cacheblend", bucket, f1)
+    assert "cacheblend" in planner._proving(bucket, sizes)
+    assert planner.choose(None, sizes)[0] == "full"
+    served = planner.run(ctx, s)  # the check runs inline (no defer): one more sample
+    assert served.stats.extra["planner"]["served"] == "full"
+    assert planner.tracker.answer_summary("cacheblend", bucket, 0.5)["n"] == 11
+    for f1 in [1.0] * 10:
+        planner.tracker.record_answer("prefix", bucket, f1)
+    assert "prefix" not in planner._proving(bucket, sizes)  # proven: served, not judged
+    assert planner.choose(None, sizes)[0] == "prefix"
+    cap = 4 * planner.tracker.window
+    for i in range(cap):
+        planner.tracker.record_answer("naive", bucket, 1.0 if i % 7 else 0.0)
+    a = planner.tracker.answer_summary("naive", bucket, 0.5)
+    assert a["n"] == cap and a["agreement_lower_bound"] < 0.85
+    assert "naive" not in planner._proving(bucket, sizes)
+
+
 def test_default_routes_long_prompts_and_ape_sharpens_there(ctx, engine):
     """The default strategy's long-context route (``long_context``), APE's long-context
     temperature, and the cost guard refusing a strategy it has no timing for."""

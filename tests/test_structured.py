@@ -146,6 +146,42 @@ def test_bad_schema_is_refused_before_decoding(qwen):
         response_constraint(qwen.grammar, {"type": "object", "properties": {"a": {"$ref": "#/x"}}})
 
 
+def test_unbounded_numbers_and_whitespace_are_bounded_in_the_grammar(qwen):
+    """An integer or number without bounds takes at most 16 digits before its point (the
+    grammar carries ±(2^53 - 1); the request's schema is left as it was), a bound of the
+    schema's own is kept, and a whitespace spot takes one space or a newline with a short
+    indent, not a run of twelve spaces (what the 0.5B model wrote until max_tokens)."""
+    from ctxcache.structured.grammar import SAFE_INTEGER, bounded_numbers
+
+    schema = {"type": "object", "properties": {
+        "n": {"type": "integer"}, "x": {"type": ["number", "null"]},
+        "k": {"type": "integer", "maximum": 5}, "s": {"type": "string"},
+        "a": {"type": "array", "items": {"type": "number"}}}}
+    before = json.dumps(schema)
+    b = bounded_numbers(schema)
+    assert json.dumps(schema) == before  # a copy: the request's schema is untouched
+    p = b["properties"]
+    assert p["n"]["minimum"] == -SAFE_INTEGER and p["n"]["maximum"] == SAFE_INTEGER
+    assert p["x"]["maximum"] == SAFE_INTEGER and p["a"]["items"]["minimum"] == -SAFE_INTEGER
+    assert p["k"]["maximum"] == 5 and p["k"]["minimum"] == -SAFE_INTEGER
+    assert "minimum" not in p["s"]
+    g = qwen.grammar
+    one = qwen.encode("1")
+    assert len(one) == 1
+    for key in ("n", "x"):
+        sub = {"type": "object", "properties": {key: schema["properties"][key]}, "required": [key]}
+        m = g.matcher(g.json_schema(sub))
+        assert all(m.consume_token(t) for t in qwen.encode(f'{{"{key}": '))
+        digits = 0
+        while digits < 40 and m.consume_token(one[0]):
+            digits += 1
+        assert digits == 16, (key, digits)
+    m = g.matcher(g.json_schema({"type": "object", "properties": {"s": {"type": "string"}}}))
+    assert not all(m.consume_token(t) for t in qwen.encode('{"s":' + " " * 12 + '"'))
+    m = g.matcher(g.json_schema({"type": "object", "properties": {"s": {"type": "string"}}}))
+    assert all(m.consume_token(t) for t in qwen.encode('{\n  "s": "ok"\n}'))
+
+
 def test_required_tool_call_always_parses(qwen, serving):
     fmt = qwen.tool_format
     fmt.check()

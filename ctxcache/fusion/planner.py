@@ -279,12 +279,17 @@ class Planner:
             1.0 - wilson_lower(n - round(a["agreement"] * n), n) < self.min_agreement
 
     def _proving(self, bucket: str, sizes: tuple[int, int]) -> list[str]:
-        """Strategies still worth judging in this bucket: too few samples, not disproven,
-        and (with a cost model) able to be faster than full prefill on this prompt once warm
-        (a shadow build is also how a cold strategy warms up)."""
+        """Strategies still worth judging in this bucket: neither proven nor disproven yet,
+        with room left in the tracker's window, and (with a cost model) able to be faster
+        than full prefill on this prompt once warm (a shadow build is also how a cold strategy
+        warms up). Judging goes on past ``min_samples`` until the confidence bound decides:
+        a strategy at 9 of 10 is neither proven nor disproven, and stopping there left it
+        unproven for good (auto then served full prefill forever)."""
         cm = self.cost_model
+        cap = 4 * self.tracker.window  # the answers kept per (strategy, bucket)
         return [n for n in AUTO_ORDER if n in self.strategies
-                and self._samples(n, bucket) < self.min_samples
+                and self._samples(n, bucket) < cap
+                and not self._qualified(n, bucket)
                 and not self._disproven(n, bucket)
                 and (cm is None or self._cheaper(n, sizes, frozenset()))]
 

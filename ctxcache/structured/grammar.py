@@ -25,9 +25,36 @@ from ctxcache.errors import InvalidInputError
 
 
 # Whitespace between JSON tokens is bounded: unbounded whitespace lets a small model loop on
-# newlines until max_tokens (measured on Qwen2.5-Coder-0.5B); a bound still admits the model's
-# own pretty-printed style.
-JSON_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": r"[ \n]{0,12}"}
+# newlines until max_tokens (measured on Qwen2.5-Coder-0.5B). One spot takes nothing, a space,
+# or a newline with up to 8 spaces of indent: the model's own pretty-printed style still fits,
+# but not the runs of 12 spaces after every colon that a looser pattern ([ \n]{0,12}) let the
+# 0.5B model write until max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": r"( |\n {0,8})?"}
+
+# Numbers without bounds in the schema are kept within the range JSON parsers represent exactly
+# (RFC 7493, I-JSON: integers of magnitude below 2^53): an unbounded integer lets a small model
+# write digits until max_tokens ("10000000000000000000…", measured), and no parser would read
+# such a value back exactly anyway. The request's schema is untouched (answers are validated
+# against it); only the grammar carries the bound.
+SAFE_INTEGER = 2 ** 53 - 1
+
+
+def bounded_numbers(schema):
+    """``schema`` with ``minimum``/``maximum`` of ±``SAFE_INTEGER`` on every integer or number
+    subschema that has no bound of its own on that side (a copy; anything else unchanged)."""
+    if isinstance(schema, list):
+        return [bounded_numbers(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_numbers(v) for k, v in schema.items()}
+    t = schema.get("type")
+    types = {t} if isinstance(t, str) else set(t) if isinstance(t, list) else set()
+    if types and types <= {"integer", "number", "null"} and types & {"integer", "number"}:
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+    return out
 
 
 class GrammarUnavailableError(InvalidInputError):
@@ -102,7 +129,8 @@ class GrammarCompiler:
         """A grammar for JSON values that validate against ``schema``."""
         llg = _llguidance()
         try:
-            return llg.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+            return llg.LLMatcher.grammar_from_json_schema(bounded_numbers(schema),
+                                                          defaults=JSON_OPTIONS)
         except (ValueError, TypeError) as e:
             raise InvalidInputError(f"unsupported JSON schema: {e}") from None
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctxcache.errors import InvalidInputError
-from ctxcache.structured.grammar import JSON_OPTIONS, Constraint, GrammarCompiler
+from ctxcache.structured.grammar import (JSON_OPTIONS, Constraint, GrammarCompiler,
+                                         bounded_numbers)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL_CALLS = 8
@@ -163,7 +164,7 @@ class HermesFormat:
         return alts[0] if len(alts) == 1 else {"anyOf": alts}
 
     def body_rule(self, functions: dict[str, dict]) -> str:
-        return "body: %json " + json.dumps({**self.call_schema(functions),
+        return "body: %json " + json.dumps({**bounded_numbers(self.call_schema(functions)),
                                             "x-guidance": JSON_OPTIONS})
 
     def grammar_calls(self, functions: dict[str, dict], multiple: bool) -> str:
