@@ -196,6 +196,7 @@ def main() -> None:
                 for k in names if k in PLANNERS}
     store = KVStore([MemoryTier(40 << 30, args.device)], eviction="lru")
     ctx = FusionContext(engine, store, reserve_tokens=args.tokens)
+    warm_full = make_strategy("full")
     cells: dict = collections.defaultdict(list)
     t_start = time.perf_counter()
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -205,6 +206,12 @@ def main() -> None:
         for s in strats.values():
             if s.name in ("naive", "cachecraft", "ape"):
                 s.build(ctx, segs)
+        # and one untimed full prefill of this prompt, so every row is timed in the same state:
+        # on the H200 the first build on a new prompt was ~40 ms slower than a repeat of it
+        # (0.5B: 53 vs 9.6 ms at 4K, 188 vs 143 ms at 32K; results/..._repeat.json), which
+        # made the full row (timed first) look slower than it is under load
+        warm_full.build(ctx, segs)
+        sync()
         ref_text, ref_ok = None, None
         for name in list(strats) + list(planners):
             sync()
