@@ -142,9 +142,13 @@ def validity(runner: Runner, n: int, seed: int, max_tokens: int):
             ok += 1
         except (ValueError, jsonschema.ValidationError):
             bad += 1
+    # what the model was writing when max_tokens cut it (the loops a grammar bound can stop)
+    cut_tails = [r["text"][-160:] for r in res if r["finish"] != "stop"][:10]
     return {"schemas": n, "finished": ok + bad, "valid": ok, "invalid": bad,
             "cut_by_max_tokens": cut, "valid_share_of_finished": ok / max(1, ok + bad),
-            "seconds": span}, res, schemas, jobs
+            "answer_tokens_p50": pct([len(r["tokens"]) for r in res], 50),
+            "answer_tokens_max": max((len(r["tokens"]) for r in res), default=0),
+            "cut_tails": cut_tails, "seconds": span}, res, schemas, jobs
 
 
 def tool_calls(runner: Runner, n: int, seed: int, max_tokens: int):
@@ -230,7 +234,7 @@ def main() -> None:
     ap.add_argument("--schemas", type=int, default=200)
     ap.add_argument("--tool-prompts", type=int, default=50)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--max-tokens", type=int, default=384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

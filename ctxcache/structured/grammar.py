@@ -1,9 +1,8 @@
 """Grammar-constrained decoding: a per-request token mask that only admits continuations of a
 grammar (a JSON schema, "any JSON object", or the tool-call format).
 
-Backed by llguidance (its authors report a token mask in tens of microseconds on one core,
-which would keep the constraint off the decode critical path; ``benchmarks/structured.py``
-measures the per-token overhead here beside xgrammar's — not yet run to completion). Each
+Backed by llguidance: ``benchmarks/structured.py`` measured its mask fill at 29 µs per token
+(p50; p99 333 µs) on the H200 machine's host, 0.6 % of a 4.65 ms batched decode step. Each
 request owns one ``Constraint``; the serving engine fills the masks of all constrained rows of a
 batch in one call, applies them to the logits on the device, samples, and tells each constraint
 which token was taken.
