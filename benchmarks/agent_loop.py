@@ -86,8 +86,14 @@ def run_step(backend: EmbeddedBackend, messages: list[dict], tenant: str, tokens
             ids.append(ch.token_id)
         if ch.finish_reason:
             break
+    # where the time to first token went: the strategy's own phases (host-side times on a GPU:
+    # its work is queued, and the phase that reads the logits waits for it), the rest is the
+    # gateway around it (template, scheduling, page-pool write, sampling)
+    phases = dict((stream.info.get("stats") or {}).get("phases") or {})
+    phases["outside the strategy"] = first - sum(phases.values())
     return {"ttft_s": first, "prompt_tokens": stream.info.get("prompt_tokens", 0),
-            "cached_tokens": stream.info.get("cached_tokens", 0), "ids": ids}
+            "cached_tokens": stream.info.get("cached_tokens", 0), "ids": ids,
+            "phases": phases}
 
 
 def new_only_ttft(engine: Engine, messages: list[dict], tools: list[dict], cached: int,
@@ -142,6 +148,9 @@ def main() -> None:
             rec = per_step.setdefault(k, {"reuse": [], "full": [], "new": [], "prompt": [],
                                           "cached": []})
             rec["new"].append(new)
+            for path, r in (("reuse", reuse), ("full", full)):
+                for ph, sec in r["phases"].items():
+                    rec.setdefault(f"phases_{path}", {}).setdefault(ph, []).append(sec)
             rec["reuse"].append(reuse["ttft_s"])
             rec["full"].append(full["ttft_s"])
             rec["prompt"].append(reuse["prompt_tokens"])
@@ -164,6 +173,9 @@ def main() -> None:
         row["ttft_reuse_ms_each"] = [round(x * 1e3, 2) for x in r["reuse"]]
         row["ttft_full_ms_each"] = [round(x * 1e3, 2) for x in r["full"]]
         row["ttft_new_only_ms_each"] = [round(x * 1e3, 2) for x in r["new"]]
+        for path in ("reuse", "full"):
+            row[f"phases_{path}_ms"] = {ph: round(statistics.median(v) * 1e3, 2)
+                                        for ph, v in r.get(f"phases_{path}", {}).items()}
         steps_out.append(row)
     print_table(f"agent loop — {args.model} on {args.device}, {args.episodes} episodes, "
                 f"median TTFT per step", ["step", "prompt tok", "cached tok", "TTFT reuse ms",
