@@ -248,6 +248,8 @@ class SGLangBackend(Backend):
             sp["top_k"] = p.top_k
         if p.stop:
             sp["stop"] = list(p.stop)
+        if p.seed is not None:  # SGLang's per-request sampling seed
+            sp["sampling_seed"] = p.seed
         return sp
 
     def generate(self, req: GenRequest) -> GenStream:

@@ -6,6 +6,9 @@ fields as an SGLang server (``/generate`` with ``text``/``input_ids`` + ``sampli
 ``/v1/chat/completions``; ``/health``; ``/get_model_info``; ``/flush_cache``), with a real model
 answering. Prefix reuse over the KV store plays the role of SGLang's radix cache and reports
 ``cached_tokens``.
+
+Every request field is honoured or refused: a field SGLang has but this stand-in does not
+implement (``frequency_penalty``, ``regex``, ``n`` …) is a 400 that names it, never dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,17 +33,19 @@ from ctxcache.kv import KVStore, MemoryTier
 
 
 class SGLangSampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = -1
     stop: str | list[str] | None = None
     ignore_eos: bool = False
+    sampling_seed: int | None = None
+    json_schema: str | None = None  # SGLang's constrained decoding: the schema as a JSON string
 
 
 class GenerateReq(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     text: str | None = None
     input_ids: list[int] | None = None
     sampling_params: SGLangSampling = Field(default_factory=SGLangSampling)
@@ -47,14 +53,16 @@ class GenerateReq(BaseModel):
 
 
 class ChatReq(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     model: str = "default"
     messages: list[dict]
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
+    seed: int | None = None
     stream: bool = False
+    stream_options: dict | None = None  # include_usage: a last chunk with the usage
     # as SGLang's OpenAI server: tools parsed into tool_calls, constrained where required
     tools: list[dict] | None = None
     tool_choice: Any = None
@@ -72,7 +80,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
         stop = [sp.stop] if isinstance(sp.stop, str) else list(sp.stop or [])
         return SamplingParams(max_tokens=sp.max_new_tokens, temperature=sp.temperature,
                               top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop,
-                              ignore_eos=sp.ignore_eos)
+                              ignore_eos=sp.ignore_eos, seed=sp.sampling_seed)
 
     def run(ids: list[int], p: SamplingParams):
         """Prefix reuse (radix-cache stand-in) then decode; yields (text, finish, info)."""
@@ -118,6 +126,16 @@ def create_sglang_app(engine: Engine) -> FastAPI:
     async def _err(_: Request, e: CtxCacheError):
         return JSONResponse({"error": {"message": str(e)}}, 400)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            what = "is not supported by this server" if err.get("type") == "extra_forbidden" \
+                else err.get("msg", "is invalid")
+            parts.append(f"{where} {what}")
+        return JSONResponse({"error": {"message": "; ".join(parts)}}, 400)
+
     @app.get("/health")
     async def health():
         return Response200()
@@ -145,12 +163,60 @@ def create_sglang_app(engine: Engine) -> FastAPI:
             return JSONResponse({"error": {"message": "text or input_ids required"}}, 400)
         p = params(req.sampling_params)
         rid, t0 = uuid.uuid4().hex, time.time()
+        if req.sampling_params.json_schema is not None:
+            if not req.text:
+                return JSONResponse({"error": {"message": "sampling_params.json_schema needs "
+                                               "text (not input_ids) on this server"}}, 400)
+            return await constrained_generate(req, p, rid, t0)
         if not req.stream:
             text, finish, info = await asyncio.to_thread(last, ids, p)
             return {"text": text, "meta_info": meta(info, finish or "length", rid, t0)}
 
         async def events():
             async for text, finish, info in in_thread(run(ids, p)):
+                yield f"data: {json.dumps({'text': text, 'meta_info': meta(info, finish, rid, t0)})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def constrained_generate(req: GenerateReq, p: SamplingParams, rid: str, t0: float):
+        """``/generate`` with ``json_schema``: decoded under the schema's grammar by the
+        embedded backend; the answer in SGLang's shape (cumulative text, ``meta_info``)."""
+        from ctxcache.service.backends import GenRequest
+
+        try:
+            schema = json.loads(req.sampling_params.json_schema)
+        except ValueError:
+            return JSONResponse({"error": {"message": "sampling_params.json_schema is not "
+                                           "valid JSON"}}, 400)
+        gen = GenRequest(params=p, text=req.text, tenant="sglang", schema=schema)
+        b = structured_backend()
+        await asyncio.to_thread(b.check, gen)
+        out = await asyncio.to_thread(b.generate, gen)
+
+        def cumulative():
+            text, n = "", 0
+            for ch in out.chunks:
+                text += ch.text
+                n += ch.token_id is not None
+                info = {"prompt_tokens": out.info.get("prompt_tokens", 0),
+                        "cached_tokens": out.info.get("cached_tokens", 0),
+                        "completion_tokens": n}
+                yield text, ch.finish_reason, info
+
+        if not req.stream:
+            def collect():
+                last_item = ("", None, {"prompt_tokens": 0, "cached_tokens": 0,
+                                        "completion_tokens": 0})
+                for last_item in cumulative():
+                    pass
+                return last_item
+
+            text, finish, info = await asyncio.to_thread(collect)
+            return {"text": text, "meta_info": meta(info, finish or "length", rid, t0)}
+
+        async def events():
+            async for text, finish, info in in_thread(cumulative()):
                 yield f"data: {json.dumps({'text': text, 'meta_info': meta(info, finish, rid, t0)})}\n\n"
             yield "data: [DONE]\n\n"
 
@@ -206,12 +272,17 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                       "model": req.model, "choices": [{"index": 0, "delta": delta,
                                                        "finish_reason": ch.finish_reason}]}
                 yield f"data: {json.dumps(ev)}\n\n"
-            ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                  "model": req.model, "choices": [], "usage": chat_usage(out.info)}
-            yield f"data: {json.dumps(ev)}\n\n"
+            if wants_usage(req):
+                ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                      "model": req.model, "choices": [], "usage": chat_usage(out.info)}
+                yield f"data: {json.dumps(ev)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def wants_usage(req: ChatReq) -> bool:
+        """OpenAI's stream_options.include_usage: a final chunk carrying the usage."""
+        return bool((req.stream_options or {}).get("include_usage"))
 
     def chat_usage(info):
         return {"prompt_tokens": info.get("prompt_tokens", 0),
@@ -223,7 +294,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
     async def chat(req: ChatReq):
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         p = SamplingParams(max_tokens=req.max_tokens or 128, temperature=req.temperature,
-                           top_p=req.top_p, stop=stop)
+                           top_p=req.top_p, stop=stop, seed=req.seed)
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         if req.tools is not None or req.response_format is not None:
             return await structured(req, p, rid, created)
@@ -244,9 +315,10 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                       "model": req.model, "choices": [{"index": 0, "delta": {"content": delta},
                                                        "finish_reason": finish}]}
                 yield f"data: {json.dumps(ev)}\n\n"
-            ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                  "model": req.model, "choices": [], "usage": chat_usage(info)}
-            yield f"data: {json.dumps(ev)}\n\n"
+            if wants_usage(req):
+                ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                      "model": req.model, "choices": [], "usage": chat_usage(info)}
+                yield f"data: {json.dumps(ev)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -436,6 +437,33 @@ def test_sglang_schema_backend_end_to_end(engine, embedder, tmp_path):
                                                                            "temperature": 0}})
         assert again.json()["meta_info"]["cached_tokens"] > 0
         assert httpx.get(sg.url + "/get_model_info").json()["is_generation"] is True
+        # a field SGLang has but this server does not implement is refused by name
+        for body, name in (({"text": "Hi", "sampling_params": {"frequency_penalty": 0.5}},
+                            "sampling_params.frequency_penalty"),
+                           ({"text": "Hi", "return_logprob": True}, "return_logprob")):
+            bad = httpx.post(sg.url + "/generate", json=body)
+            assert bad.status_code == 400 and name in bad.json()["error"]["message"], bad.text
+        bad = httpx.post(sg.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "logprobs": True})
+        assert bad.status_code == 400 and "logprobs" in bad.text
+        # sampling_seed is honoured: the same seed samples the same answer
+        seeded = [httpx.post(sg.url + "/generate", timeout=120, json={
+            "text": "Once upon a time", "sampling_params": {
+                "max_new_tokens": 8, "temperature": 1.0, "sampling_seed": 7}}).json()["text"]
+            for _ in range(2)]
+        assert seeded[0] == seeded[1]
+        assert len({httpx.post(sg.url + "/generate", timeout=120, json={
+            "text": "Once upon a time", "sampling_params": {
+                "max_new_tokens": 8, "temperature": 1.0, "sampling_seed": k}}).json()["text"]
+            for k in range(4)}) > 1
+        # json_schema (SGLang's constrained decoding on /generate) is honoured
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}},
+                  "required": ["ok"], "additionalProperties": False}
+        out = httpx.post(sg.url + "/generate", timeout=120, json={
+            "text": "Answer in JSON: is water wet?", "sampling_params": {
+                "max_new_tokens": 24, "temperature": 0, "json_schema": json.dumps(schema)}})
+        assert out.status_code == 200, out.text
+        assert isinstance(json.loads(out.json()["text"])["ok"], bool)
         # the gateway in front of it
         gw = make_gateway(tmp_path, engine, embedder, backend=SGLangBackend(sg.url))
         srv = Server(create_app(gateway=gw))
