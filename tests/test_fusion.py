@@ -404,6 +404,28 @@ def test_auto_keeps_judging_until_the_bound_decides(ctx, engine):
     assert "naive" not in planner._proving(bucket, sizes)
 
 
+def test_deferred_check_runs_in_steps(ctx, engine):
+    """A deferred answer check runs one step per ``run_deferred`` call (the reference build,
+    its answer, then a build and an answer per judged strategy), so the serving engine can
+    take a new request between steps; its result is recorded once, at the last step."""
+    from ctxcache.fusion.judge import AnswerJudge
+
+    planner = Planner(default_strategies(), default="cacheblend", sample_rate=1.0,
+                      judge=AnswerJudge(engine, tokens=4), defer_checks=True, seed=0)
+    s = segs(engine)
+    assert planner.run(ctx, s).stats.extra["planner"]["shadow"] == "cacheblend"
+    assert len(planner.deferred) == 1 and not planner.answer_report()
+    recorded_at = []
+    steps = 0
+    while planner.run_deferred():
+        steps += 1
+        recorded_at.append(bool(planner.answer_report()))
+    assert steps == 4  # reference build, its answer, the strategy's build, its answer
+    assert recorded_at == [False, False, False, True]
+    assert not planner.deferred and planner._check is None
+    assert sum(v["n"] for v in planner.answer_report().values()) == 1
+
+
 def test_default_routes_long_prompts_and_ape_sharpens_there(ctx, engine):
     """The default strategy's long-context route (``long_context``), APE's long-context
     temperature, and the cost guard refusing a strategy it has no timing for."""

@@ -30,7 +30,7 @@ import random
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -103,6 +103,7 @@ class Planner:
         # request)
         self.defer_checks = defer_checks
         self.deferred: deque = deque(maxlen=16)
+        self._check: Iterator[None] | None = None  # the deferred check under way, as steps
         self.dropped_checks = 0
         self.min_top1 = min_top1
         self.min_samples = min_samples
@@ -252,20 +253,32 @@ class Planner:
         return result
 
     def run_deferred(self) -> bool:
-        """Run one deferred answer check; False when none is waiting (the serving engine
-        calls this while it has nothing else to do)."""
+        """Run one step of the deferred answer checks (a build, or one answer's greedy decode);
+        False when none is waiting. The serving engine calls this while it has nothing else to
+        do, and looks at its queue again after every step, so a request that arrives during a
+        check waits for one step of it, not for the whole check (a full prefill and an answer
+        per candidate: at 32K tokens several times a request's own time to first token)."""
         with self._lock:
-            if not self.deferred:
-                return False
-            ctx, segments, shadows, bucket = self.deferred.popleft()
+            if self._check is None:
+                if not self.deferred:
+                    return False
+                ctx, segments, shadows, bucket = self.deferred.popleft()
+                self._check = self._judge_steps(ctx, segments, shadows, bucket)
+            check = self._check
         try:
-            self._judge(ctx, segments, shadows, bucket)
+            next(check)
+        except StopIteration:
+            with self._lock:
+                self._check = None
         except Exception:  # noqa: BLE001 - a failed check must not stop serving
             log.exception("deferred answer check failed")
+            with self._lock:
+                self._check = None
         return True
 
     def drain(self) -> int:
-        """Run every deferred check now (benchmarks, between timed requests)."""
+        """Run every deferred check to its end now (benchmarks, between timed requests);
+        the number of steps run."""
         n = 0
         while self.run_deferred():
             n += 1
@@ -295,13 +308,22 @@ class Planner:
 
     def _judge(self, ctx: FusionContext, segments: Sequence[Segment], shadows: list[str],
                bucket: str) -> None:
-        """Answer agreement of each of ``shadows`` with full prefill on this prompt. All are
-        built afresh for the check, so decoding the judge's answers never touches the K/V the
+        """Answer agreement of each of ``shadows`` with full prefill on this prompt, at once."""
+        for _ in self._judge_steps(ctx, segments, shadows, bucket):
+            pass
+
+    def _judge_steps(self, ctx: FusionContext, segments: Sequence[Segment],
+                     shadows: list[str], bucket: str) -> Iterator[None]:
+        """The check as steps (yields after each build and each answer). All are built
+        afresh for the check, so decoding the judge's answers never touches the K/V the
         request is served from; the reference answer is decoded once."""
         ref = self.strategies["full"].build(ctx, segments)
+        yield
         ref_answer = self.judge.answer(ref)
         for shadow in shadows:
+            yield
             test = self.strategies[shadow].build(ctx, segments)
+            yield
             f1 = token_f1(self.judge.answer(test), ref_answer)
             with self._lock:
                 self.tracker.record(shadow, first_token_kl(ref.logits, test.logits),
