@@ -121,12 +121,15 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-device", default="cpu",
+                    help="where the chunk store keeps K/V: cpu (the gateway's default tier) or "
+                         "the engine's device (a GPU tier, CTXCACHE_KV_GPU_BYTES)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype,
                                                                           args.dtype)
     engine = Engine.load(args.model, device=args.device, dtype=getattr(torch, dtype))
-    store = KVStore([MemoryTier(8 << 30)])
+    store = KVStore([MemoryTier(8 << 30, args.kv_device)])
     backend = EmbeddedBackend(engine, store, max_running=1)
     tools = parse_tool_spec(TOOLS, "auto", None)
     rng = random.Random(args.seed)
@@ -183,9 +186,11 @@ def main() -> None:
                                           "reuse / new only"], rows)
     print(f"  first {args.tokens} greedy tokens equal to full prefill: {agree}/{total}")
     backend.close()
-    write_json(f"agent_loop_{engine.name}_{args.device.split(':')[0]}", {
+    tier = "" if args.kv_device == "cpu" else "_kv_" + args.kv_device.split(":")[0]
+    write_json(f"agent_loop_{engine.name}_{args.device.split(':')[0]}{tier}", {
         "benchmark": "agent_loop", "model": engine.name, "device": args.device,
-        "dtype": dtype, "episodes": args.episodes, "steps": steps_out,
+        "dtype": dtype, "episodes": args.episodes, "kv_device": args.kv_device,
+        "steps": steps_out,
         "greedy_agreement": f"{agree}/{total}",
         "reuse_over_new_only_median": statistics.median(
             s["reuse_over_new_only"] for s in steps_out if s["cached_tokens"]),
