@@ -48,7 +48,8 @@ def bounded_numbers(schema):
     out = {k: bounded_numbers(v) for k, v in schema.items()}
     t = schema.get("type")
     types = {t} if isinstance(t, str) else set(t) if isinstance(t, list) else set()
-    if types and types <= {"integer", "number", "null"} and types & {"integer", "number"}:
+    if types and types <= {"integer", "number", "null"} and types & {"integer", "number"} \
+            and "enum" not in out and "const" not in out:  # listed values are bounded already
         if "minimum" not in out and "exclusiveMinimum" not in out:
             out["minimum"] = -SAFE_INTEGER
         if "maximum" not in out and "exclusiveMaximum" not in out:
