@@ -50,9 +50,12 @@ def bounded_numbers(schema):
     types = {t} if isinstance(t, str) else set(t) if isinstance(t, list) else set()
     if types and types <= {"integer", "number", "null"} and types & {"integer", "number"} \
             and "enum" not in out and "const" not in out:  # listed values are bounded already
-        if "minimum" not in out and "exclusiveMinimum" not in out:
+        lo = out.get("minimum", out.get("exclusiveMinimum"))
+        hi = out.get("maximum", out.get("exclusiveMaximum"))
+        # a side is bounded only where the schema's other bound leaves room inside the range
+        if lo is None and (not isinstance(hi, (int, float)) or hi > -SAFE_INTEGER):
             out["minimum"] = -SAFE_INTEGER
-        if "maximum" not in out and "exclusiveMaximum" not in out:
+        if hi is None and (not isinstance(lo, (int, float)) or lo < SAFE_INTEGER):
             out["maximum"] = SAFE_INTEGER
     return out
 
