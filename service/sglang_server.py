@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ctxcache.engine import Engine, SamplingParams
 from ctxcache.engine.generate import stream_from_kv
-from ctxcache.errors import CtxCacheError
+from ctxcache.errors import CtxCacheError, InvalidInputError
 from ctxcache.fusion import FusionContext, PrefixReuse, Segment
 from ctxcache.kv import KVStore, MemoryTier
 
@@ -95,10 +95,11 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                 n += ch.token_id is not None
                 yield text, ch.finish_reason, {**info, "completion_tokens": n}
 
-    def last(ids: list[int], p: SamplingParams):
-        """Run to the end; the final (text, finish, info)."""
+    def last(items):
+        """Run ``items`` (``run``'s or ``constrained``'s triples) to the end; the final
+        (text, finish, info)."""
         out = ("", None, {})
-        for out in run(ids, p):
+        for out in items:
             pass
         return out
 
@@ -163,32 +164,31 @@ def create_sglang_app(engine: Engine) -> FastAPI:
             return JSONResponse({"error": {"message": "text or input_ids required"}}, 400)
         p = params(req.sampling_params)
         rid, t0 = uuid.uuid4().hex, time.time()
-        if req.sampling_params.json_schema is not None:
-            if not req.text:
-                return JSONResponse({"error": {"message": "sampling_params.json_schema needs "
-                                               "text (not input_ids) on this server"}}, 400)
-            return await constrained_generate(req, p, rid, t0)
+        items = run(ids, p) if req.sampling_params.json_schema is None else \
+            await constrained(req, p)
         if not req.stream:
-            text, finish, info = await asyncio.to_thread(last, ids, p)
+            text, finish, info = await asyncio.to_thread(last, items)
             return {"text": text, "meta_info": meta(info, finish or "length", rid, t0)}
 
         async def events():
-            async for text, finish, info in in_thread(run(ids, p)):
+            async for text, finish, info in in_thread(items):
                 yield f"data: {json.dumps({'text': text, 'meta_info': meta(info, finish, rid, t0)})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def constrained_generate(req: GenerateReq, p: SamplingParams, rid: str, t0: float):
+    async def constrained(req: GenerateReq, p: SamplingParams):
         """``/generate`` with ``json_schema``: decoded under the schema's grammar by the
-        embedded backend; the answer in SGLang's shape (cumulative text, ``meta_info``)."""
+        embedded backend; (text so far, finish, info) triples like ``run``'s."""
         from ctxcache.service.backends import GenRequest
 
+        if not req.text:
+            raise InvalidInputError("sampling_params.json_schema needs text (not input_ids) "
+                                    "on this server")
         try:
             schema = json.loads(req.sampling_params.json_schema)
         except ValueError:
-            return JSONResponse({"error": {"message": "sampling_params.json_schema is not "
-                                           "valid JSON"}}, 400)
+            raise InvalidInputError("sampling_params.json_schema is not valid JSON") from None
         gen = GenRequest(params=p, text=req.text, tenant="sglang", schema=schema)
         b = structured_backend()
         await asyncio.to_thread(b.check, gen)
@@ -204,23 +204,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                         "completion_tokens": n}
                 yield text, ch.finish_reason, info
 
-        if not req.stream:
-            def collect():
-                last_item = ("", None, {"prompt_tokens": 0, "cached_tokens": 0,
-                                        "completion_tokens": 0})
-                for last_item in cumulative():
-                    pass
-                return last_item
-
-            text, finish, info = await asyncio.to_thread(collect)
-            return {"text": text, "meta_info": meta(info, finish or "length", rid, t0)}
-
-        async def events():
-            async for text, finish, info in in_thread(cumulative()):
-                yield f"data: {json.dumps({'text': text, 'meta_info': meta(info, finish, rid, t0)})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return cumulative()
 
     backend: dict = {}
 
@@ -272,17 +256,20 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                       "model": req.model, "choices": [{"index": 0, "delta": delta,
                                                        "finish_reason": ch.finish_reason}]}
                 yield f"data: {json.dumps(ev)}\n\n"
-            if wants_usage(req):
-                ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                      "model": req.model, "choices": [], "usage": chat_usage(out.info)}
-                yield f"data: {json.dumps(ev)}\n\n"
+            for ev in usage_event(req, rid, created, out.info):
+                yield ev
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def wants_usage(req: ChatReq) -> bool:
-        """OpenAI's stream_options.include_usage: a final chunk carrying the usage."""
-        return bool((req.stream_options or {}).get("include_usage"))
+    def usage_event(req: ChatReq, rid: str, created: int, info: dict) -> list[str]:
+        """The stream's final usage chunk, when asked for (OpenAI's
+        stream_options.include_usage)."""
+        if not (req.stream_options or {}).get("include_usage"):
+            return []
+        ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
+              "model": req.model, "choices": [], "usage": chat_usage(info)}
+        return [f"data: {json.dumps(ev)}\n\n"]
 
     def chat_usage(info):
         return {"prompt_tokens": info.get("prompt_tokens", 0),
@@ -301,7 +288,7 @@ def create_sglang_app(engine: Engine) -> FastAPI:
         ids = engine.chat_ids(req.messages)
 
         if not req.stream:
-            text, finish, info = await asyncio.to_thread(last, ids, p)
+            text, finish, info = await asyncio.to_thread(last, run(ids, p))
             return {"id": rid, "object": "chat.completion", "created": created,
                     "model": req.model, "usage": chat_usage(info),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -315,10 +302,8 @@ def create_sglang_app(engine: Engine) -> FastAPI:
                       "model": req.model, "choices": [{"index": 0, "delta": {"content": delta},
                                                        "finish_reason": finish}]}
                 yield f"data: {json.dumps(ev)}\n\n"
-            if wants_usage(req):
-                ev = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                      "model": req.model, "choices": [], "usage": chat_usage(info)}
-                yield f"data: {json.dumps(ev)}\n\n"
+            for ev in usage_event(req, rid, created, info):
+                yield ev
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -464,6 +464,9 @@ def test_sglang_schema_backend_end_to_end(engine, embedder, tmp_path):
                 "max_new_tokens": 24, "temperature": 0, "json_schema": json.dumps(schema)}})
         assert out.status_code == 200, out.text
         assert isinstance(json.loads(out.json()["text"])["ok"], bool)
+        bad = httpx.post(sg.url + "/generate", json={"text": "Hi", "sampling_params": {
+            "json_schema": "{not json"}})
+        assert bad.status_code == 400 and "json_schema" in bad.json()["error"]["message"]
         # the gateway in front of it
         gw = make_gateway(tmp_path, engine, embedder, backend=SGLangBackend(sg.url))
         srv = Server(create_app(gateway=gw))
