@@ -9,8 +9,11 @@ strategy over the chunk K/V store → the batched serving engine).
 
 Per step, side by side on one model object:
 
-* **reuse** — one tenant for the whole loop: the previous steps' segments are in the store, so
-  only the new messages are prefilled;
+* **reuse** — one tenant for the whole loop, as the gateway serves it: the previous step's
+  prompt is still in the serving engine's page pool, so its rows are read in device memory and
+  only the new messages are prefilled (the chunk store fills in what the pool lost);
+* **reuse (store)** — the same with the pool's resident pages ignored (another tenant): the
+  previous steps' segments come from the chunk store (a host tier by default);
 * **full** — a fresh tenant every step: nothing cached, the whole prompt is prefilled;
 * **new only** — the floor: the engine prefills just the tokens the reuse request did not find
   cached, over the rest of the prompt's K/V already resident on the device, and picks the first
@@ -41,6 +44,7 @@ import torch  # noqa: E402
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from ctxcache.datasets import squad_dev  # noqa: E402
 from ctxcache.engine import Engine, SamplingParams  # noqa: E402
+from ctxcache.fusion.execute import graph_stats  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
 from ctxcache.service.backends import EmbeddedBackend, GenRequest  # noqa: E402
 from ctxcache.structured import parse_tool_spec  # noqa: E402
@@ -72,7 +76,8 @@ def episode(rng: random.Random, steps: int) -> tuple[str, list[tuple[dict, str]]
 
 
 def run_step(backend: EmbeddedBackend, messages: list[dict], tenant: str, tokens: int,
-             tools) -> dict:
+             tools, pool_prefix: bool = True) -> dict:
+    backend.serving.pool_prefix = pool_prefix
     req = GenRequest(SamplingParams(max_tokens=tokens), tenant, messages=messages,
                      tools=tools)
     backend.check(req)
@@ -93,7 +98,8 @@ def run_step(backend: EmbeddedBackend, messages: list[dict], tenant: str, tokens
     phases["outside the strategy"] = first - sum(phases.values())
     return {"ttft_s": first, "prompt_tokens": stream.info.get("prompt_tokens", 0),
             "cached_tokens": stream.info.get("cached_tokens", 0), "ids": ids,
-            "phases": phases}
+            "phases": phases,
+            "pool_tokens": (stream.info.get("stats") or {}).get("pool_tokens", 0)}
 
 
 def new_only_ttft(engine: Engine, messages: list[dict], tools: list[dict], cached: int,
@@ -145,21 +151,25 @@ def main() -> None:
         msgs = [system, {"role": "user", "content": question}]
         for k in range(args.steps + 1):
             reuse = run_step(backend, msgs, f"loop-{e}", args.tokens, tools)
+            store = run_step(backend, msgs, f"store-{e}", args.tokens, tools, pool_prefix=False)
             full = run_step(backend, msgs, f"full-{e}-{k}", args.tokens, tools)
             new = new_only_ttft(engine, msgs, tools.rendered(), reuse["cached_tokens"],
                                 reuse["prompt_tokens"], sync)
-            rec = per_step.setdefault(k, {"reuse": [], "full": [], "new": [], "prompt": [],
-                                          "cached": []})
+            rec = per_step.setdefault(k, {"reuse": [], "store": [], "full": [], "new": [],
+                                          "prompt": [], "cached": [], "pool": []})
             rec["new"].append(new)
-            for path, r in (("reuse", reuse), ("full", full)):
+            for path, r in (("reuse", reuse), ("store", store), ("full", full)):
                 for ph, sec in r["phases"].items():
                     rec.setdefault(f"phases_{path}", {}).setdefault(ph, []).append(sec)
-            rec["reuse"].append(reuse["ttft_s"])
-            rec["full"].append(full["ttft_s"])
+                rec[path].append(r["ttft_s"])
+                if r["ttft_s"] >= max(rec[path]):  # where the slowest one's time went
+                    rec[f"worst_{path}"] = {ph: round(v * 1e3, 2)
+                                            for ph, v in r["phases"].items()}
             rec["prompt"].append(reuse["prompt_tokens"])
             rec["cached"].append(reuse["cached_tokens"])
-            agree += reuse["ids"] == full["ids"]
-            total += 1
+            rec["pool"].append(reuse["pool_tokens"])
+            agree += (reuse["ids"] == full["ids"]) + (store["ids"] == full["ids"])
+            total += 2
             if k < len(turns):
                 call, result = turns[k]
                 msgs = msgs + [{"role": "assistant", "content": "", "tool_calls": [call]},
@@ -167,24 +177,30 @@ def main() -> None:
     rows, steps_out = [], []
     for k, r in sorted(per_step.items()):
         ru, fu = statistics.median(r["reuse"]), statistics.median(r["full"])
-        nu = statistics.median(r["new"])
+        su, nu = statistics.median(r["store"]), statistics.median(r["new"])
         row = {"step": k, "prompt_tokens": int(statistics.median(r["prompt"])),
                "cached_tokens": int(statistics.median(r["cached"])),
-               "ttft_reuse_ms": ru * 1e3, "ttft_full_ms": fu * 1e3,
-               "ttft_new_only_ms": nu * 1e3, "speedup": fu / ru, "reuse_over_new_only": ru / nu}
+               "pool_tokens": int(statistics.median(r["pool"])),
+               "ttft_reuse_ms": ru * 1e3, "ttft_reuse_store_ms": su * 1e3,
+               "ttft_full_ms": fu * 1e3, "ttft_new_only_ms": nu * 1e3, "speedup": fu / ru,
+               "reuse_over_new_only": ru / nu, "reuse_store_over_new_only": su / nu}
         rows.append(list(row.values()))
-        row["ttft_reuse_ms_each"] = [round(x * 1e3, 2) for x in r["reuse"]]
-        row["ttft_full_ms_each"] = [round(x * 1e3, 2) for x in r["full"]]
-        row["ttft_new_only_ms_each"] = [round(x * 1e3, 2) for x in r["new"]]
-        for path in ("reuse", "full"):
+        for path, key in (("reuse", "reuse"), ("reuse_store", "store"), ("full", "full"),
+                          ("new_only", "new")):
+            row[f"ttft_{path}_ms_each"] = [round(x * 1e3, 2) for x in r[key]]
+        for path in ("reuse", "store", "full"):
             row[f"phases_{path}_ms"] = {ph: round(statistics.median(v) * 1e3, 2)
                                         for ph, v in r.get(f"phases_{path}", {}).items()}
+            row[f"phases_{path}_slowest_ms"] = r.get(f"worst_{path}", {})
         steps_out.append(row)
     print_table(f"agent loop — {args.model} on {args.device}, {args.episodes} episodes, "
-                f"median TTFT per step", ["step", "prompt tok", "cached tok", "TTFT reuse ms",
+                f"median TTFT per step", ["step", "prompt tok", "cached tok", "from pool",
+                                          "TTFT reuse ms", "TTFT reuse (store) ms",
                                           "TTFT full ms", "TTFT new only ms", "full / reuse",
-                                          "reuse / new only"], rows)
-    print(f"  first {args.tokens} greedy tokens equal to full prefill: {agree}/{total}")
+                                          "reuse / new only", "store / new only"], rows)
+    print(f"  first {args.tokens} greedy tokens equal to full prefill (both reuse paths): "
+          f"{agree}/{total}")
+    graphs = graph_stats(engine)
     backend.close()
     tier = "" if args.kv_device == "cpu" else "_kv_" + args.kv_device.split(":")[0]
     write_json(f"agent_loop_{engine.name}_{args.device.split(':')[0]}{tier}", {
@@ -194,6 +210,9 @@ def main() -> None:
         "greedy_agreement": f"{agree}/{total}",
         "reuse_over_new_only_median": statistics.median(
             s["reuse_over_new_only"] for s in steps_out if s["cached_tokens"]),
+        "reuse_store_over_new_only_median": statistics.median(
+            s["reuse_store_over_new_only"] for s in steps_out if s["cached_tokens"]),
+        "cuda_graphs": graphs,
         "environment": environment(args.device)},
         args.out)
 

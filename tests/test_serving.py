@@ -286,3 +286,69 @@ def test_deferred_answer_checks_run_when_the_engine_is_idle(setup):
     assert not planner.deferred
     assert sum(v["n"] for v in report.values()) == 1, report
     assert planner.describe()["dropped_checks"] == 0
+
+
+def _chat_tokens(backend, messages, tenant, n=6):
+    from service.backends import GenRequest
+
+    stream = backend.generate(GenRequest(SamplingParams(max_tokens=n, ignore_eos=True), tenant,
+                                         messages=messages))
+    ids = [c.token_id for c in stream.chunks if c.token_id is not None]
+    return ids, stream.info
+
+
+def test_agent_loop_reuses_resident_pool_pages_exactly(engine):
+    """Each step resends the conversation: it finds the previous step's prompt in the pool's
+    pages (no store lookup) and prefills only the new messages — with the greedy tokens of full
+    prefill. Another tenant never maps them; with the store emptied the pool alone serves."""
+    from service.backends import EmbeddedBackend
+
+    store = KVStore([MemoryTier(1 << 30)])
+    backend = EmbeddedBackend(engine, store, max_running=2, kv_bytes=64 << 20)
+    planner = Planner(default_strategies(), default="full", sample_rate=0.0)
+    ctx = FusionContext(engine, KVStore([MemoryTier(1 << 30)]), "reference")
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    msgs = [{"role": "system", "content": "You are a research agent."},
+            {"role": "user", "content": QUESTIONS[0]}]
+    try:
+        prev_prompt = 0
+        for step, passage in enumerate(PASSAGES[:3]):
+            got, info = _chat_tokens(backend, msgs, "agent")
+            segs = backend._segments_for_chat(msgs)
+            assert got == _alone(engine, planner.run(ctx, segs, "full"), params)
+            pool = info["stats"].get("pool_tokens", 0)
+            if step:  # the previous prompt, less its last partial block, came from the pool
+                bs = backend.serving.pool.block_size
+                assert pool >= (prev_prompt - 1) // bs * bs - bs and pool > 0
+                assert info["cached_tokens"] >= pool
+            else:
+                assert pool == 0
+            prev_prompt = info["prompt_tokens"]
+            msgs = msgs + [{"role": "assistant", "content": engine.decode_ids(got)},
+                           {"role": "user", "content": passage}]
+        other, info = _chat_tokens(backend, msgs, "someone-else")
+        assert "pool_tokens" not in info["stats"] and info["cached_tokens"] == 0
+        store.delete_namespace("agent")
+        again, info = _chat_tokens(backend, msgs, "agent")
+        assert again == other  # exact either way
+        assert info["stats"]["pool_tokens"] > 0 and info["stats"]["chunk_hits"] == 0
+        # what the pool served was written back to the emptied store: without the pool, the
+        # store alone serves the conversation
+        backend.serving.pool_prefix = False
+        last, info = _chat_tokens(backend, msgs, "agent")
+        assert last == other and info["stats"]["chunk_hits"] > 0
+        assert "pool_tokens" not in info["stats"]
+        # as on a GPU: the rows after the pool's last block are recomputed, not read from the
+        # store, whatever the store holds
+        backend.serving.pool_prefix = True
+        backend.planner.strategies["prefix"].store_slack_tokens = 1 << 30
+        msgs = msgs + [{"role": "assistant", "content": engine.decode_ids(last)},
+                       {"role": "user", "content": PASSAGES[3]}]
+        ids, info = _chat_tokens(backend, msgs, "agent")
+        segs = backend._segments_for_chat(msgs)
+        assert ids == _alone(engine, planner.run(ctx, segs, "full"), params)
+        st = info["stats"]
+        assert st["chunk_hits"] == 0 and st["pool_tokens"] % backend.serving.pool.block_size == 0
+        assert st["pool_tokens"] > prev_prompt
+    finally:
+        backend.close()

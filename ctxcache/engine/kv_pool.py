@@ -22,7 +22,21 @@ import torch
 import xxhash
 from torch import Tensor
 
+from ctxcache.engine.kvcache import KVCache
 from ctxcache.errors import CtxCacheError, InvalidInputError
+
+
+@dataclass
+class ResidentPrefix:
+    """A prompt's leading tokens whose exact causal K/V (positions 0..n-1) is in the pool.
+
+    Exact prefix reuse takes these rows from device memory instead of the chunk store: no
+    store lookup, no host-to-device copy — an agent loop's next step finds its whole previous
+    prompt here and prefills only what is new."""
+
+    n_tokens: int
+    kv: KVCache
+    token_ids: list[int]  # the tokens the rows are of (a build checks its prompt starts so)
 
 
 class OutOfBlocks(CtxCacheError):
@@ -49,9 +63,15 @@ class PoolStats:
                 "usage": round(self.usage, 4), "bytes_per_block": self.bytes_per_block}
 
 
-def block_hashes(token_ids: list[int], block_size: int, n_blocks: int) -> list[str]:
-    """Chained content hash of each full block: block i's key covers tokens [0, (i+1)·bs)."""
+def block_hashes(token_ids: list[int], block_size: int, n_blocks: int,
+                 namespace: str = "") -> list[str]:
+    """Chained content hash of each full block: block i's key covers tokens [0, (i+1)·bs).
+
+    The chain starts from the owner's ``namespace``: tenants never map each other's pages, the
+    same isolation as the chunk store's namespaces (no tenant can time another's prompts)."""
     out, h = [], xxhash.xxh3_128()
+    if namespace:
+        h.update(len(namespace.encode()).to_bytes(4, "little") + namespace.encode())
     for i in range(n_blocks):
         part = token_ids[i * block_size:(i + 1) * block_size]
         h.update(len(part).to_bytes(4, "little"))
@@ -152,6 +172,31 @@ class PagedKVPool:
             out.append(b)
         self.shared_hits += len(out)
         return out
+
+    def peek_shared(self, hashes: list[str]) -> list[int]:
+        """The longest run of leading blocks in the shared set, without referencing them."""
+        out = []
+        for h in hashes:
+            b = self._by_hash.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def resident(self, token_ids: list[int], namespace: str = "") -> "ResidentPrefix | None":
+        """The exact K/V of the prompt's longest leading run of blocks still in the pool (a
+        finished request's prompt, another running sequence's prefix), as contiguous tensors
+        — or None. The prompt's last token is never covered: its logits must be computed."""
+        n_blocks = max(0, len(token_ids) - 1) // self.block_size
+        if not n_blocks:
+            return None
+        blocks = self.peek_shared(block_hashes(token_ids, self.block_size, n_blocks, namespace))
+        if not blocks:
+            return None
+        n = len(blocks) * self.block_size
+        k, v = self.gather(blocks, n)
+        return ResidentPrefix(n, KVCache(k, v, torch.arange(n, device=k.device)),
+                              list(token_ids[:n]))
 
     def publish(self, block: int, h: str) -> None:
         """Make a block (already written, exact causal content) findable by its prefix hash."""

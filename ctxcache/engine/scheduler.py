@@ -11,7 +11,9 @@ Requests join and leave the running batch between steps (Orca / vLLM / SGLang st
    reuse strategy's ``build`` (full / prefix / CacheBlend / Cache-Craft / APE / KVCOMM / auto,
    run by the caller-supplied closure); its K/V is written into pages (leading blocks of an
    exact causal prefix are mapped from the shared set instead), and its first token is
-   sampled and streamed at once;
+   sampled and streamed at once. A request that names its prompt's tokens up front gets the
+   pool's resident prefix of them (pages a finished or running request of the same namespace
+   left): exact prefix reuse then reads those rows in device memory, not the chunk store;
 4. one batched decode forward for every running sequence (``ModelRunner``), then per-request
    sampling (each request's own temperature / top-p / top-k / seed), stop strings, EOS and
    max_tokens.
@@ -60,12 +62,16 @@ class EngineRequest:
     """What a caller submits. ``build`` runs on the engine thread at admission and returns a
     ``FusionResult`` (the prompt's K/V, last-token logits, statistics)."""
 
-    build: Callable[[], object]
+    build: Callable[..., object]
     params: SamplingParams
     prompt_tokens: int  # known before the build: used for the page budget
     exact_prefix_tokens: int = 0  # leading tokens whose K/V any strategy computes exactly
     should_stop: Callable[[], bool] | None = None
     constraint: object = None  # structured.Constraint: a grammar the answer must follow
+    # the prompt's tokens, when known before the build: ``build`` is then called with the
+    # pool's ``ResidentPrefix`` of them (or None) — exact prefix reuse from device pages
+    prompt_ids: list[int] | None = None
+    namespace: str = ""  # the owner: pages are mapped and reused only within one namespace
 
 
 class RequestHandle:
@@ -123,11 +129,13 @@ class ServingEngine:
     def __init__(self, engine, *, max_running: int = 32, max_prefill_tokens: int = 8192,
                  kv_bytes: int | None = None, kv_fraction: float = 0.4, block_size: int = 16,
                  max_model_len: int | None = None, cuda_graphs: bool = True,
-                 pool: PagedKVPool | None = None):
+                 pool: PagedKVPool | None = None, pool_prefix: bool = True):
         if max_running < 1:
             raise InvalidInputError("max_running must be at least 1")
         self.engine = engine
         self.max_running = max_running
+        # exact prefix reuse reads the prompt's resident pages (requests with prompt_ids)
+        self.pool_prefix = pool_prefix
         self.max_prefill_tokens = max(1, max_prefill_tokens)
         self.max_model_len = min(max_model_len or engine.spec.max_positions,
                                  engine.spec.max_positions)
@@ -337,7 +345,12 @@ class ServingEngine:
         e = self.engine
         p = s.req.params
         with e.lock:
-            res = s.req.build()
+            if s.req.prompt_ids is not None:
+                resident = self.pool.resident(s.req.prompt_ids, s.req.namespace) \
+                    if self.pool_prefix else None
+                res = s.req.build(resident)
+            else:
+                res = s.req.build()
         kv = res.kv
         n = kv.num_tokens
         ids = list(res.token_ids or [])
@@ -351,7 +364,7 @@ class ServingEngine:
         exact = n if st.strategy in EXACT_STRATEGIES else min(s.req.exact_prefix_tokens, n)
         bs = self.pool.block_size
         n_share = exact // bs if len(ids) >= exact else 0
-        hashes = block_hashes(ids, bs, n_share) if n_share else []
+        hashes = block_hashes(ids, bs, n_share, s.req.namespace) if n_share else []
         shared = self.pool.lookup_shared(hashes) if hashes else []
         try:
             s.blocks = shared + self.pool.allocate(self.pool.blocks_for(n + 1) - len(shared))

@@ -29,7 +29,7 @@ import logging
 import random
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -235,7 +235,9 @@ class Planner:
                     with self._lock:
                         if len(self.deferred) == self.deferred.maxlen:
                             self.dropped_checks += 1
-                        self.deferred.append((ctx, list(segments), shadows, bucket))
+                        # without the resident rows: a queued check must not pin their memory
+                        self.deferred.append((replace(ctx, resident=None), list(segments),
+                                              shadows, bucket))
                 else:
                     self._judge(ctx, segments, shadows, bucket)
             else:

@@ -21,6 +21,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from ctxcache.engine.kv_pool import ResidentPrefix
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.runner import ContextGroup, Engine
 from ctxcache.errors import InvalidInputError
@@ -105,13 +106,15 @@ class FusionContext:
     ``reserve_tokens`` asks for room after the prompt in the assembled buffer, so decoding
     continues in place instead of copying the prompt's K/V; ``sync_phases`` makes each timed
     phase wait for its device work (exact per-phase times for profiling, at the cost of
-    stalling the pipeline between phases)."""
+    stalling the pipeline between phases); ``resident`` is the serving engine's offer of the
+    prompt's leading rows already in its page pool (exact prefix reuse takes them first)."""
 
     engine: Engine
     store: KVStore
     namespace: str = "default"
     reserve_tokens: int = 0
     sync_phases: bool = False
+    resident: ResidentPrefix | None = None  # the prompt's exact leading K/V in device pages
 
 
 class Timer:
