@@ -23,8 +23,16 @@ Per step, side by side on one model object:
 Reported: prompt tokens, tokens served from cache, TTFT of the three, the ratios, and whether
 the first ``--tokens`` greedy tokens agree (prefix reuse is exact: they must).
 
+``--agents N`` (N > 1) measures whole loops under concurrent load instead: N agents run their
+loops at once through one serving engine (continuous batching), each step a whole request of
+``--answer-tokens`` tokens, for each path in turn — reuse, reuse (store), full (nothing reused)
+— and the peer on the same model object: HF ``generate`` with one static batch per step (all N
+agents' prompts, left-padded; the loop waits for the batch). Per path: wall time of all loops,
+output tokens/s, TTFT, time per output token and whole-request time at p50/p99.
+
     python benchmarks/agent_loop.py                                  # CPU, Qwen2.5-Coder-0.5B
     python benchmarks/agent_loop.py --device cuda --dtype bfloat16 --model <dir or gguf>
+    python benchmarks/agent_loop.py --agents 16 --answer-tokens 32 --device cuda --dtype bf16
 """
 
 from __future__ import annotations
@@ -118,6 +126,141 @@ def new_only_ttft(engine: Engine, messages: list[dict], tools: list[dict], cache
     return time.perf_counter() - t0
 
 
+def pct(xs, q) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else \
+        (xs[0] if xs else float("nan"))
+
+
+def loops_served(backend: EmbeddedBackend, episodes, system: dict, tools, tokens: int,
+                 path: str, run: str = "timed") -> dict:
+    """Every agent's loop at once through the serving engine; one path's figures. Tenants are
+    named by ``run``: nothing one run cached is found by another."""
+    import threading
+
+    backend.serving.pool_prefix = path == "reuse"
+    recs: list[dict] = []
+    lock = threading.Lock()
+
+    def agent(i: int) -> None:
+        question, turns = episodes[i]
+        msgs = [system, {"role": "user", "content": question}]
+        for k in range(len(turns) + 1):
+            tenant = {"reuse": f"{run}-pool-{i}", "reuse (store)": f"{run}-store-{i}"}.get(
+                path, f"{run}-none-{i}-{k}")
+            req = GenRequest(SamplingParams(max_tokens=tokens, ignore_eos=True), tenant,
+                             messages=msgs, tools=tools)
+            backend.check(req)
+            t0 = time.perf_counter()
+            stream = backend.generate(req)
+            times = []
+            for ch in stream.chunks:
+                times.append(time.perf_counter())
+                if ch.finish_reason:
+                    break
+            with lock:
+                recs.append({"ttft": times[0] - t0, "e2e": times[-1] - t0, "n": len(times),
+                             "tpot": (times[-1] - times[0]) / (len(times) - 1)
+                             if len(times) > 1 else None,
+                             "prompt": stream.info.get("prompt_tokens", 0),
+                             "cached": stream.info.get("cached_tokens", 0)})
+            if k < len(turns):
+                call, result = turns[k]
+                msgs = msgs + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                               {"role": "tool", "tool_call_id": call["id"], "content": result}]
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(len(episodes))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = [r["ttft"] for r in recs]
+    tpot = [r["tpot"] for r in recs if r["tpot"] is not None]
+    e2e = [r["e2e"] for r in recs]
+    return {"path": path, "requests": len(recs), "wall_s": wall,
+            "out_tok_s": sum(r["n"] for r in recs) / wall,
+            "cached_share": sum(r["cached"] for r in recs) / max(1, sum(r["prompt"]
+                                                                        for r in recs)),
+            "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
+            "tpot_p50_ms": pct(tpot, 50) * 1e3, "tpot_p99_ms": pct(tpot, 99) * 1e3,
+            "e2e_p50_s": pct(e2e, 50), "e2e_p99_s": pct(e2e, 99)}
+
+
+def loops_hf_static(engine: Engine, episodes, system: dict, tools, tokens: int) -> dict:
+    """The peer: HF ``generate`` over all agents' step-k prompts as one left-padded static
+    batch; every loop waits for the batch. TTFT is a separate 1-token ``generate`` of the same
+    batch (not counted in the wall time)."""
+    hf, dev = engine.hf, engine.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    msgs = [[system, {"role": "user", "content": q}] for q, _ in episodes]
+    steps = len(episodes[0][1]) + 1
+    wall, n_out, ttft, e2e = 0.0, 0, [], []
+    for k in range(steps):
+        ids = [engine.chat_segments(template_messages(m), tools.rendered())[0] for m in msgs]
+        width = max(map(len, ids))
+        x = torch.tensor([[0] * (width - len(i)) + i for i in ids], device=dev)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=dev)
+        kw = dict(input_ids=x, attention_mask=mask, do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+        for n, out in ((1, None), (tokens, None)):
+            sync()
+            t = time.perf_counter()
+            res = hf.generate(max_new_tokens=n, min_new_tokens=n, **kw)
+            sync()
+            dt = time.perf_counter() - t
+            if n == 1:
+                ttft += [dt] * len(ids)
+            else:
+                wall += dt
+                e2e += [dt] * len(ids)
+                n_out += (res.shape[1] - width) * len(ids)
+        for i, (_, turns) in enumerate(episodes):
+            if k < len(turns):
+                call, result = turns[k]
+                msgs[i] = msgs[i] + [
+                    {"role": "assistant", "content": "", "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": call["id"], "content": result}]
+    tpot = [(w - t) / max(1, tokens - 1) for w, t in zip(e2e, ttft)]
+    return {"path": "HF generate (static batch)", "requests": len(e2e), "wall_s": wall,
+            "out_tok_s": n_out / wall, "cached_share": 0.0,
+            "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
+            "tpot_p50_ms": pct(tpot, 50) * 1e3, "tpot_p99_ms": pct(tpot, 99) * 1e3,
+            "e2e_p50_s": pct(e2e, 50), "e2e_p99_s": pct(e2e, 99)}
+
+
+def concurrent_mode(args, engine: Engine, tools, system: dict) -> None:
+    rng = random.Random(args.seed)
+    episodes = [episode(rng, args.steps) for _ in range(args.agents)]
+    store = KVStore([MemoryTier(8 << 30, args.kv_device)])
+    backend = EmbeddedBackend(engine, store, max_running=args.agents)
+    run_step(backend, [system, {"role": "user", "content": "warm up"}], "warm", 2, tools)
+    # one untimed pass of every path first: kernels and graphs for these shapes are built
+    # once, as in a server that has been up for a while
+    warm = episodes[:2]
+    for path in ("reuse", "reuse (store)", "full"):
+        loops_served(backend, warm, system, tools, args.answer_tokens, path, "warm")
+    rows = []
+    for path in ("reuse", "reuse (store)", "full"):
+        rows.append(loops_served(backend, episodes, system, tools, args.answer_tokens, path))
+    backend.close()
+    if not args.no_hf:
+        rows.append(loops_hf_static(engine, episodes, system, tools, args.answer_tokens))
+    cols = list(rows[0])
+    print_table(f"{args.agents} agent loops at once — {args.model} on {args.device}, "
+                f"{args.steps + 1} steps each, {args.answer_tokens} answer tokens",
+                cols, [[r[c] for c in cols] for r in rows])
+    base = rows[2]["wall_s"]
+    for r in rows:
+        r["wall_vs_full"] = base / r["wall_s"]
+    tier = "" if args.kv_device == "cpu" else "_kv_" + args.kv_device.split(":")[0]
+    write_json(f"agent_loop_{engine.name}_{args.device.split(':')[0]}{tier}_concurrent", {
+        "benchmark": "agent_loop_concurrent", "model": engine.name, "device": args.device,
+        "agents": args.agents, "steps": args.steps + 1, "answer_tokens": args.answer_tokens,
+        "kv_device": args.kv_device, "paths": rows, "environment": environment(args.device)},
+        args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -130,18 +273,25 @@ def main() -> None:
     ap.add_argument("--kv-device", default="cpu",
                     help="where the chunk store keeps K/V: cpu (the gateway's default tier) or "
                          "the engine's device (a GPU tier, CTXCACHE_KV_GPU_BYTES)")
+    ap.add_argument("--agents", type=int, default=1,
+                    help="above 1: that many loops at once (concurrent mode)")
+    ap.add_argument("--answer-tokens", type=int, default=32,
+                    help="tokens per step's answer in concurrent mode (EOS ignored)")
+    ap.add_argument("--no-hf", action="store_true", help="concurrent mode without the HF peer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype,
                                                                           args.dtype)
     engine = Engine.load(args.model, device=args.device, dtype=getattr(torch, dtype))
-    store = KVStore([MemoryTier(8 << 30, args.kv_device)])
-    backend = EmbeddedBackend(engine, store, max_running=1)
     tools = parse_tool_spec(TOOLS, "auto", None)
-    rng = random.Random(args.seed)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     system = {"role": "system", "content": "You are a research agent. Use the tools to find "
                                            "facts, then answer in one sentence."}
+    if args.agents > 1:
+        return concurrent_mode(args, engine, tools, system)
+    store = KVStore([MemoryTier(8 << 30, args.kv_device)])
+    backend = EmbeddedBackend(engine, store, max_running=1)
+    rng = random.Random(args.seed)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     # warm-up: kernels, allocator, template
     run_step(backend, [system, {"role": "user", "content": "warm up"}], "warm", 2, tools)
     per_step: dict[int, dict[str, list]] = {}
