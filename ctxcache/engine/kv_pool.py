@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 from torch import Tensor
@@ -75,7 +76,7 @@ def block_hashes(token_ids: list[int], block_size: int, n_blocks: int,
     for i in range(n_blocks):
         part = token_ids[i * block_size:(i + 1) * block_size]
         h.update(len(part).to_bytes(4, "little"))
-        h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in part))
+        h.update(np.asarray(part, dtype="<i4").tobytes())  # 4-byte little-endian each
         out.append(h.hexdigest())
     return out
 
@@ -161,15 +162,11 @@ class PagedKVPool:
     def lookup_shared(self, hashes: list[str]) -> list[int]:
         """The longest run of leading blocks already in the shared set (referenced for the
         caller)."""
-        out = []
-        for h in hashes:
-            b = self._by_hash.get(h)
-            if b is None:
-                break
+        out = self.peek_shared(hashes)
+        for b in out:
             if self._ref[b] == 0:
                 self._cached.pop(b, None)
             self._ref[b] += 1
-            out.append(b)
         self.shared_hits += len(out)
         return out
 
@@ -183,14 +180,16 @@ class PagedKVPool:
             out.append(b)
         return out
 
-    def resident(self, token_ids: list[int], namespace: str = "") -> "ResidentPrefix | None":
+    def resident(self, token_ids: list[int], hashes: list[str]) -> "ResidentPrefix | None":
         """The exact K/V of the prompt's longest leading run of blocks still in the pool (a
         finished request's prompt, another running sequence's prefix), as contiguous tensors
-        — or None. The prompt's last token is never covered: its logits must be computed."""
+        — or None. ``hashes`` are the prompt's ``block_hashes`` (at least its full blocks but
+        the last token's). The prompt's last token is never covered: its logits must be
+        computed."""
         n_blocks = max(0, len(token_ids) - 1) // self.block_size
         if not n_blocks:
             return None
-        blocks = self.peek_shared(block_hashes(token_ids, self.block_size, n_blocks, namespace))
+        blocks = self.peek_shared(hashes[:n_blocks])
         if not blocks:
             return None
         n = len(blocks) * self.block_size

@@ -344,11 +344,15 @@ class ServingEngine:
     def _prefill(self, s: Sequence) -> None:
         e = self.engine
         p = s.req.params
+        bs = self.pool.block_size
+        known = s.req.prompt_ids
+        # the prompt's block hashes, once: for the resident lookup and the page mapping below
+        known_hashes = block_hashes(known, bs, len(known) // bs, s.req.namespace) \
+            if known is not None else []
         with e.lock:
-            if s.req.prompt_ids is not None:
-                resident = self.pool.resident(s.req.prompt_ids, s.req.namespace) \
-                    if self.pool_prefix else None
-                res = s.req.build(resident)
+            if known is not None:
+                res = s.req.build(self.pool.resident(known, known_hashes)
+                                  if self.pool_prefix else None)
             else:
                 res = s.req.build()
         kv = res.kv
@@ -362,9 +366,11 @@ class ServingEngine:
             raise InvalidInputError(f"prompt of {n} tokens + max_tokens {p.max_tokens} needs "
                                     f"more K/V than the pool holds ({self.capacity_tokens})")
         exact = n if st.strategy in EXACT_STRATEGIES else min(s.req.exact_prefix_tokens, n)
-        bs = self.pool.block_size
         n_share = exact // bs if len(ids) >= exact else 0
-        hashes = block_hashes(ids, bs, n_share, s.req.namespace) if n_share else []
+        if n_share and ids == known:
+            hashes = known_hashes[:n_share]
+        else:
+            hashes = block_hashes(ids, bs, n_share, s.req.namespace) if n_share else []
         shared = self.pool.lookup_shared(hashes) if hashes else []
         try:
             s.blocks = shared + self.pool.allocate(self.pool.blocks_for(n + 1) - len(shared))

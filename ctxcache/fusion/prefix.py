@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from ctxcache.engine.flops import prefill_flops
-from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
 from ctxcache.errors import InvalidInputError
+from ctxcache.fusion.base import FusionContext, FusionResult, FusionStrategy, Segment
 from ctxcache.fusion.chunks import Source, full_flops, ids_array
 from ctxcache.fusion.execute import execute
 from ctxcache.fusion.selective import SelectivePlan
