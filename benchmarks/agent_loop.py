@@ -2,7 +2,8 @@
 
 An agent with tools (``--tools`` OpenAI function specs rendered by the model's own template)
 runs ``--steps`` steps. Each step appends the assistant's tool call and the tool's result (a
-real SQuAD v1.1 paragraph, ~150-200 tokens) and asks the model for the next step, exactly as an
+section of the Python language reference, ~150-250 tokens, or with ``--source squad`` a SQuAD
+v1.1 paragraph) and asks the model for the next step, exactly as an
 agent framework does through ``/v1/chat/completions``. The request goes through the gateway's
 embedded backend (``EmbeddedBackend``: chat template → per-message segments → ``prefix``
 strategy over the chunk K/V store → the batched serving engine).
@@ -50,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
-from ctxcache.datasets import squad_dev  # noqa: E402
+from ctxcache.datasets import python_docs, squad_dev  # noqa: E402
 from ctxcache.engine import Engine, SamplingParams  # noqa: E402
 from ctxcache.fusion.execute import graph_stats  # noqa: E402
 from ctxcache.kv import KVStore, MemoryTier  # noqa: E402
@@ -70,16 +71,30 @@ TOOLS = [
 ]
 
 
-def episode(rng: random.Random, steps: int) -> tuple[str, list[tuple[dict, str]]]:
-    """(question, [(tool call, tool result)] * steps) from one SQuAD article."""
-    arts = [a for a in squad_dev() if len(a["paragraphs"]) >= steps + 1]
-    art = rng.choice(arts)
-    question = art["paragraphs"][0]["qas"][0]["question"]
+def episode(rng: random.Random, steps: int, source: str = "python-docs"
+            ) -> tuple[str, list[tuple[dict, str]]]:
+    """(question, [(tool call, tool result)] * steps): consecutive sections of one topic of
+    the Python language reference (``python-docs``, always installed) or paragraphs of one
+    SQuAD v1.1 article (``squad``, downloaded once)."""
+    if source == "squad":
+        arts = [a for a in squad_dev() if len(a["paragraphs"]) >= steps + 1]
+        art = rng.choice(arts)
+        question = art["paragraphs"][0]["qas"][0]["question"]
+        title, results = art["title"], [p["context"] for p in art["paragraphs"][1:steps + 1]]
+        tool = "search"
+    else:
+        docs = {k: v for k, v in python_docs(600).items() if len(v) >= steps}
+        title = rng.choice(sorted(docs))
+        question = (f"In Python, what are the exact rules of '{title}'? Look them up in the "
+                    "language reference before answering.")
+        results, tool = docs[title][:steps], "open_page"
     out = []
-    for i, p in enumerate(art["paragraphs"][1:steps + 1]):
+    for i, text in enumerate(results):
+        args = {"query": f"{title} part {i}"} if tool == "search" else \
+            {"title": f"{title} ({i + 1})"}
         call = {"id": f"call_{i}", "type": "function", "function": {
-            "name": "search", "arguments": json.dumps({"query": f"{art['title']} part {i}"})}}
-        out.append((call, p["context"]))
+            "name": tool, "arguments": json.dumps(args)}}
+        out.append((call, text))
     return question, out
 
 
@@ -231,7 +246,7 @@ def loops_hf_static(engine: Engine, episodes, system: dict, tools, tokens: int) 
 
 def concurrent_mode(args, engine: Engine, tools, system: dict) -> None:
     rng = random.Random(args.seed)
-    episodes = [episode(rng, args.steps) for _ in range(args.agents)]
+    episodes = [episode(rng, args.steps, args.source) for _ in range(args.agents)]
     store = KVStore([MemoryTier(8 << 30, args.kv_device)])
     backend = EmbeddedBackend(engine, store, max_running=args.agents)
     run_step(backend, [system, {"role": "user", "content": "warm up"}], "warm", 2, tools)
@@ -278,11 +293,18 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=32,
                     help="tokens per step's answer in concurrent mode (EOS ignored)")
     ap.add_argument("--no-hf", action="store_true", help="concurrent mode without the HF peer")
+    ap.add_argument("--tokenizer", default=None,
+                    help="with --model random:<config>: a tokenizer directory (its chat "
+                         "template renders the tools), for speed runs without real weights")
+    ap.add_argument("--source", default="python-docs", choices=("python-docs", "squad"),
+                    help="tool results: sections of the Python language reference (shipped "
+                         "with Python) or SQuAD v1.1 paragraphs (downloaded once)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype,
                                                                           args.dtype)
-    engine = Engine.load(args.model, device=args.device, dtype=getattr(torch, dtype))
+    engine = Engine.load(args.model, device=args.device, dtype=getattr(torch, dtype),
+                         tokenizer=args.tokenizer)
     tools = parse_tool_spec(TOOLS, "auto", None)
     system = {"role": "system", "content": "You are a research agent. Use the tools to find "
                                            "facts, then answer in one sentence."}
@@ -297,7 +319,7 @@ def main() -> None:
     per_step: dict[int, dict[str, list]] = {}
     agree = total = 0
     for e in range(args.episodes):
-        question, turns = episode(rng, args.steps)
+        question, turns = episode(rng, args.steps, args.source)
         msgs = [system, {"role": "user", "content": question}]
         for k in range(args.steps + 1):
             reuse = run_step(backend, msgs, f"loop-{e}", args.tokens, tools)

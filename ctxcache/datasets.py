@@ -9,6 +9,8 @@ cached under ``<cache dir>/data``. Nothing is installed into the environment.
 * CoQA stories (the same archive): a second real long-text source for long-context tests.
 * ``fow-cache==0.1.0``: 600 labelled question pairs for semantic-cache hit / false-hit rates.
 * ``chatterbot-corpus==1.3.3``: questions by category, for the category classifier.
+* The Python language reference (``pydoc_data.topics``, part of every CPython install): real
+  technical prose that needs no download at all — sections for agent-loop tool results.
 * Sentences of the whole BIG-bench archive (``bigbench==1.0.0``): ~2M distinct real English
   sentences (dialogue, news, reviews, claims, stories) for the semantic index at 1M-entry scale.
 """
@@ -95,6 +97,28 @@ def coqa_stories() -> list[str]:
     data = json.loads(path.read_text())
     items = data.get("data", data) if isinstance(data, dict) else data
     return [d["story"] for d in items if isinstance(d, dict) and d.get("story")]
+
+
+def python_docs(min_chars: int = 300) -> dict[str, list[str]]:
+    """The Python language reference's topics (``pydoc_data.topics``, shipped with CPython, so
+    always present): topic → its paragraphs of at least ``min_chars`` characters, runs of short
+    paragraphs joined so none is dropped. Real technical prose for a documentation-lookup
+    tool in agent-loop benchmarks, when no data set can be downloaded."""
+    from pydoc_data.topics import topics
+
+    out: dict[str, list[str]] = {}
+    for name, text in topics.items():
+        paras, cur = [], ""
+        for p in re.split(r"\n\s*\n", text):
+            cur = f"{cur}\n\n{p}" if cur else p
+            if len(cur) >= min_chars:
+                paras.append(cur.strip())
+                cur = ""
+        if cur.strip() and paras:
+            paras[-1] += "\n\n" + cur.strip()
+        if paras:
+            out[name] = paras
+    return out
 
 
 def fow_pairs() -> list[dict]:

@@ -115,3 +115,16 @@ def test_textstream_holds_partial_utf8():
     texts = ["caf", "caf\ufffd", "café"]
     ts = TextStream(lambda ids: texts[len(ids) - 1])
     assert [ts.push(i) for i in range(3)] == ["caf", "", "é"]
+
+
+def test_random_model_takes_a_real_tokenizer(engine, tmp_path):
+    """Speed runs of the chat/tool paths in a real shape: random weights, a real tokenizer."""
+    engine.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model("random:tiny-llama", tokenizer=str(tmp_path))
+    msgs = [{"role": "user", "content": "hello"}]
+    assert loaded.tokenizer.apply_chat_template(msgs, tokenize=False) == \
+        engine.tokenizer.apply_chat_template(msgs, tokenize=False)
+    with pytest.raises(UnknownModelError, match="only to random"):
+        load_model("smollm2-135m-instruct", tokenizer=str(tmp_path))
+    with pytest.raises(UnknownModelError, match="does not exist"):
+        load_model("random:tiny-llama", tokenizer=str(tmp_path / "missing"))

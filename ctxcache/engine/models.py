@@ -228,10 +228,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     seed: int = 0,
+    tokenizer: str | None = None,
 ) -> LoadedModel:
-    """Resolve ``name`` to weights and load them; raises ``UnknownModelError`` for unknown names."""
+    """Resolve ``name`` to weights and load them; raises ``UnknownModelError`` for unknown names.
+
+    ``tokenizer`` (a tokenizer directory, e.g. a checkpoint's) gives a ``random:`` model a real
+    tokenizer and chat template: speed runs of chat, tool and agent paths in a real shape
+    without moving the real weights."""
     if not isinstance(name, str) or not name.strip():
         raise UnknownModelError("model name must be a non-empty string")
+    if tokenizer is not None and not name.startswith("random:"):
+        raise UnknownModelError("a separate tokenizer applies only to random:<config> models")
     _quiet_transformers()
     if name in PACKAGED_MODELS:
         return _load_gguf(packaged_file(PACKAGED_MODELS[name]), name, dtype, device)
@@ -239,7 +246,14 @@ def load_model(
         return _load_gguf(assemble_split(name, SPLIT_MODELS[name], cache_dir()), name, dtype,
                           device)
     if name.startswith("random:"):
-        return _load_random(name.split(":", 1)[1], dtype, device, seed)
+        loaded = _load_random(name.split(":", 1)[1], dtype, device, seed)
+        if tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            if not Path(tokenizer).expanduser().is_dir():
+                raise UnknownModelError(f"tokenizer directory {tokenizer} does not exist")
+            loaded.tokenizer = AutoTokenizer.from_pretrained(str(Path(tokenizer).expanduser()))
+        return loaded
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_directory(path, dtype, device)

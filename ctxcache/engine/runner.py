@@ -78,8 +78,9 @@ class Engine(LayerSteps):
     @classmethod
     def load(cls, name: str = DEFAULT_MODEL, *, device: str = "cpu",
              dtype: str | torch.dtype = torch.float32, seed: int = 0,
-             kernels: str = "auto") -> "Engine":
-        return cls(load_model(name, dtype=parse_dtype(dtype), device=device, seed=seed), kernels)
+             kernels: str = "auto", tokenizer: str | None = None) -> "Engine":
+        return cls(load_model(name, dtype=parse_dtype(dtype), device=device, seed=seed,
+                              tokenizer=tokenizer), kernels)
 
     # ------------------------------------------------------------------ structured output
     @property
