@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -88,7 +89,8 @@ def _portable(obj):
 def write_json(name: str, payload: dict, out_dir: str | os.PathLike | None = None) -> Path:
     out = Path(out_dir) if out_dir else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    # a file name of letters, digits, '.', '_' and '-' (``random:qwen2.5-0.5b`` → ``random-…``)
+    path = out / (re.sub(r"[^A-Za-z0-9._-]+", "-", name) + ".json")
     path.write_text(json.dumps(_portable(payload), indent=2, default=str))
     print(f"\nwrote {path}")
     return path

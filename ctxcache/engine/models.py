@@ -98,6 +98,7 @@ class LoadedModel:
     fused: Any = None  # fused per-layer weights, built by the first Engine over this model
     grammar: Any = None  # structured.GrammarCompiler, built on first use
     tool_format: Any = None  # structured.HermesFormat, built on first use
+    pieces: Any = None  # tokencache.PieceTokenizer, built on first use
 
 
 def cache_dir() -> Path:

@@ -25,6 +25,7 @@ from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.layers import LayerSteps
 from ctxcache.engine.models import DEFAULT_MODEL, LoadedModel, load_model
 from ctxcache.engine.rope import Rope
+from ctxcache.engine.tokencache import PieceTokenizer
 from ctxcache.engine.types import (  # noqa: F401 - re-exported
     ContextGroup, ModelSpec, PrefillOutput, parse_dtype, upload,
 )
@@ -331,19 +332,15 @@ class Engine(LayerSteps):
                                            **kw)
             # a marker counts while the text before it is the plain rendering's
             same = len(os.path.commonprefix([text.replace(mark, ""), plain]))
-            removed = 0
-            for i, ch in enumerate(text):
-                if ch != mark:
-                    continue
-                pos = i - removed
-                removed += 1
-                if pos > same:
-                    break
-                cuts.append(pos)
+            i = text.find(mark)
+            while i >= 0 and i - len(cuts) <= same:
+                cuts.append(i - len(cuts))  # its offset in the text without the markers
+                i = text.find(mark, i + 1)
         if cuts and getattr(tok, "is_fast", False):
-            enc = tok(plain, add_special_tokens=False, return_offsets_mapping=True)
-            ids = list(enc["input_ids"])
-            starts = [int(a) for a, _ in enc["offset_mapping"]]
+            # only the messages not seen before are tokenized (tokencache.py)
+            if self.loaded.pieces is None:
+                self.loaded.pieces = PieceTokenizer(tok)
+            ids, starts = self.loaded.pieces.encode(plain)
             # the token that starts at or before each cut (the chained segment keys make a
             # boundary that moved by a token a cache miss, never a wrong reuse)
             token_cuts = sorted({j for j in (bisect.bisect_right(starts, c) - 1 for c in cuts)

@@ -23,6 +23,9 @@ from ctxcache.fusion.types import (  # noqa: F401 - re-exported
 
 class FusionStrategy(ABC):
     name: str = "strategy"
+    # every prompt row is the exact causal K/V (full prefill, prefix reuse): nothing to check
+    # against full prefill, so the planner never spends a shadow build on it
+    exact: bool = False
 
     def start(self, ctx: FusionContext, segments: Sequence[Segment], **extra):
         """Common opening of ``build``: fresh stats, a phase timer, the resolved layout."""

@@ -10,6 +10,7 @@ from ctxcache.fusion.chunks import full_flops
 
 class FullPrefill(FusionStrategy):
     name = "full"
+    exact = True
 
     def build(self, ctx: FusionContext, segments: Sequence[Segment]) -> FusionResult:
         stats, timer, pieces, ids = self.start(ctx, segments)

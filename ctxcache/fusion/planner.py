@@ -162,7 +162,8 @@ class Planner:
             if cm is not None and requested is None and name != "full" and \
                     not self._cheaper(name, sizes, cold):
                 return "full", None
-            return name, name if name != "full" and self._rng.random() < self.sample_rate else None
+            exact = self.strategies[name].exact
+            return name, name if not exact and self._rng.random() < self.sample_rate else None
         cands = [n for n in AUTO_ORDER if n in self.strategies]
         bucket = bucket_of(sizes[0]) if sizes is not None else None
         proven = [n for n in cands if self._qualified(n, bucket)]

@@ -23,6 +23,7 @@ from ctxcache.kv.keys import chunk_key
 
 class PrefixReuse(FusionStrategy):
     name = "prefix"
+    exact = True
 
     # rows recomputed rather than reading a longer stretch from the chunk store. On a GPU a
     # few extra rows cost less than a store read (host-to-device copy, assembly launches): 128;
