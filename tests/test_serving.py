@@ -277,10 +277,10 @@ def test_deferred_answer_checks_run_when_the_engine_is_idle(setup):
         h = _submit(se, planner, ctx, segs, None, SamplingParams(max_tokens=4))
         text = "".join(c.text for c in h)
         assert isinstance(text, str) and planner.describe()["served"] == {"cacheblend": 1}
-        deadline = time.time() + 120
-        while not planner.answer_report() and time.time() < deadline:
-            time.sleep(0.05)
+        # settle() returns once the engine is idle with its background work done
+        assert se.settle(timeout=120)
         report = planner.answer_report()
+        assert se.settle(timeout=1)  # nothing new: at once
     finally:
         se.close()
     assert not planner.deferred

@@ -161,6 +161,15 @@ class ServingEngine:
         # background work run only while nothing is waiting or running (the planner's
         # deferred answer checks); returns True when it did something
         self.idle_work: Callable[[], bool] | None = None
+        # reuse-loop CUDA graphs are captured in idle time too, never on a request's path
+        self._graphs = None
+        if cuda_graphs and engine.device.type == "cuda":
+            from ctxcache.fusion.graphs import loop_graphs
+
+            self._graphs = loop_graphs(engine)
+            if self._graphs is not None:
+                self._graphs.defer = True
+        self._settled = threading.Event()  # idle with no background work left
 
     # ------------------------------------------------------------------ public API
     def start(self) -> "ServingEngine":
@@ -177,6 +186,26 @@ class ServingEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def settle(self, timeout: float = 30.0) -> bool:
+        """Wait until nothing is running or waiting and the idle-time work (graph captures,
+        deferred checks) is done; False on timeout. Benchmarks call it between steps where a
+        real client would spend time elsewhere (an agent running its tool)."""
+        if self._thread is None:
+            return True
+        return self._settled.wait(timeout)
+
+    def _idle_tasks(self) -> bool:
+        for task in (self.idle_work,
+                     self._graphs.capture_pending if self._graphs is not None else None):
+            if task is None:
+                continue
+            try:
+                if task():
+                    return True
+            except Exception:  # noqa: BLE001 - background work must not stop serving
+                log.exception("idle work failed")
+        return False
+
     def submit(self, req: EngineRequest) -> RequestHandle:
         need = req.prompt_tokens + req.params.max_tokens
         if need > self.max_model_len:
@@ -191,6 +220,7 @@ class ServingEngine:
             raise EngineStopped("the serving engine is shut down")
         h = RequestHandle(next(self._ids))
         with self._cv:
+            self._settled.clear()
             self._inbox.append(Sequence(req, h, h.rid))
             self._cv.notify()
         if self._thread is None:
@@ -214,14 +244,11 @@ class ServingEngine:
 
     def _loop(self) -> None:
         while True:
-            if self.idle_work is not None and not self._stop and self._idle():
-                try:
-                    if self.idle_work():
-                        continue
-                except Exception:  # noqa: BLE001 - background work must not stop serving
-                    log.exception("idle work failed")
+            if not self._stop and self._idle() and self._idle_tasks():
+                continue
             with self._cv:
                 while not self._stop and self._idle():
+                    self._settled.set()
                     self._cv.wait()
                 if self._stop:
                     break
@@ -234,6 +261,7 @@ class ServingEngine:
                 for s in self.running + list(self.swapped):
                     self._fail(s, e)
                 self.running, self.swapped = [], deque()
+        self._settled.set()
         err = EngineStopped("the serving engine is shut down")
         for s in self.running + list(self.waiting) + list(self.swapped) + list(self._inbox):
             self._fail(s, err)

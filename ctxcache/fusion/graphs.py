@@ -16,6 +16,15 @@ Each bucket owns a static K/V buffer the chunks are assembled into; after a repl
 K/V is copied out (with room for the answer) so the next request can reuse the buffer. Graphs
 share one memory pool and are captured only for shapes seen ``min_uses`` times; the least
 recently used ones are dropped beyond ``max_graphs`` or ``max_bytes`` of static buffers.
+
+A capture costs tens of milliseconds (one eager run to warm every kernel, then the capture), so
+a request that triggers one waits far longer than its eager loop. Under the serving engine
+(``defer``) no request captures: a new shape runs eagerly and is queued, and the engine
+captures queued shapes while it has nothing else to do (``capture_pending``, one per idle
+turn), so the next request of that shape replays. For exact tails (prefix reuse: no selection)
+the neighbouring shapes are queued behind it, synthesised — the next two prompt-length buckets
+(a conversation grows) by this and the next row bucket — so an agent's next step usually finds
+its graph already captured.
 """
 
 from __future__ import annotations
@@ -63,9 +72,12 @@ class _Graph:
 
 
 class LoopGraphs:
-    def __init__(self, engine: Engine, max_graphs: int = 16, max_bytes: int | None = None,
-                 min_uses: int = 2):
+    def __init__(self, engine: Engine, max_graphs: int = 128, max_bytes: int | None = None,
+                 min_uses: int = 2, max_pending: int = 16):
         self.engine = engine
+        self.defer = False  # captures only in capture_pending (the serving engine's idle time)
+        self.max_pending = max_pending
+        self.pending: OrderedDict[tuple, tuple] = OrderedDict()  # key → (ids, plan, keeps)
         self.max_graphs = max_graphs
         if max_bytes is None:
             max_bytes = int(0.15 * torch.cuda.get_device_properties(engine.device).total_memory)
@@ -134,6 +146,13 @@ class LoopGraphs:
         g = self.graphs.get(key)
         if g is None:
             self.seen[key] += 1
+            if self.defer:  # run eagerly now, capture when the engine is idle
+                if key not in self.pending and self.seen[key] > 0:
+                    self.pending[key] = (np.asarray(ids, dtype=np.int64).copy(), plan, keeps)
+                    while len(self.pending) > self.max_pending:
+                        self.pending.popitem(last=False)
+                self.stats["eager"] += 1
+                return None
             if self.seen[key] < self.min_uses:
                 self.stats["eager"] += 1
                 return None
@@ -214,8 +233,42 @@ class LoopGraphs:
         self._evict()
         return LoopResult(logits, rows, None, {})
 
+    @torch.inference_mode()
+    def capture_pending(self) -> bool:
+        """Capture the oldest queued shape on the inputs of the request that brought it (the
+        static K/V holds whatever the last replay left: the capture's warm-up run only writes
+        its own rows, and every replay assembles its prompt first). False when none is queued."""
+        if not self.pending:
+            return False
+        key, (ids, plan, keeps) = self.pending.popitem(last=False)
+        if key in self.graphs:
+            return True
+        nb, n0b, _ = key
+        if ids is not None and not plan.selections:  # real shape: queue its likely successors
+            for nb2 in (bucket(nb + 1, 256), bucket(bucket(nb + 1, 256) + 1, 256)):
+                for r in (n0b, bucket(n0b + 1)):
+                    k2 = (nb2, r, ())
+                    if r < nb2 - 1 and k2 not in self.graphs and k2 not in self.pending and \
+                            self.seen[k2] >= 0:
+                        self.pending[k2] = (None, None, {})
+            while len(self.pending) > self.max_pending:
+                self.pending.popitem(last=False)
+        if ids is None:  # a synthesised tail: the bucket's longest prompt, its last r rows
+            n = nb - 1
+            rows = np.arange(n - n0b, n)
+            plan = SelectivePlan(rows, np.ones(n0b, dtype=bool))
+            ids = np.zeros(n, dtype=np.int64)
+        with self.engine.lock:
+            static = self._static(nb)
+            staged = upload(self._host_inputs(ids, plan, len(ids), nb, n0b), torch.int64,
+                            self.engine.device)
+            self._capture(key, static, staged, plan, keeps, n0b, nb)
+            torch.cuda.current_stream().synchronize()
+        self.stats["idle_captures"] += 1
+        return True
+
     def describe(self) -> dict:
-        return {"graphs": len(self.graphs), "static_bytes": sum(
+        return {"graphs": len(self.graphs), "pending": len(self.pending), "static_bytes": sum(
             s.nbytes for s in self.statics.values()), **self.stats}
 
 
