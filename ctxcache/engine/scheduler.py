@@ -168,7 +168,7 @@ class ServingEngine:
 
             self._graphs = loop_graphs(engine)
             if self._graphs is not None:
-                self._graphs.defer = True
+                self._graphs.deferrers += 1
         self._settled = threading.Event()  # idle with no background work left
 
     # ------------------------------------------------------------------ public API
@@ -181,6 +181,8 @@ class ServingEngine:
 
     def close(self) -> None:
         with self._cv:
+            if self._graphs is not None and not self._stop:
+                self._graphs.deferrers -= 1  # direct users of the engine capture inline again
             self._stop = True
             self._cv.notify_all()
         if self._thread is not None:

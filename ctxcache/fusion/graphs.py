@@ -75,7 +75,10 @@ class LoopGraphs:
     def __init__(self, engine: Engine, max_graphs: int = 128, max_bytes: int | None = None,
                  min_uses: int = 2, max_pending: int = 16):
         self.engine = engine
-        self.defer = False  # captures only in capture_pending (the serving engine's idle time)
+        # captures only in capture_pending (a serving engine's idle time): True while a
+        # serving engine over this engine is open (each holds one count), or when set
+        self.deferrers = 0
+        self._defer = False
         self.max_pending = max_pending
         self.pending: OrderedDict[tuple, tuple] = OrderedDict()  # key → (ids, plan, keeps)
         self.max_graphs = max_graphs
@@ -88,6 +91,14 @@ class LoopGraphs:
         self.statics: dict[int, _Static] = {}
         self.seen: Counter = Counter()
         self.stats = Counter()
+
+    @property
+    def defer(self) -> bool:
+        return self._defer or self.deferrers > 0
+
+    @defer.setter
+    def defer(self, on: bool) -> None:
+        self._defer = on
 
     # ------------------------------------------------------------------ policy
     @staticmethod
