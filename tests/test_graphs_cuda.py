@@ -27,18 +27,25 @@ def test_deferred_capture_replays_exactly_and_queues_the_next_shapes():
     rng = random.Random(0)
     segs = [Segment.chunk([rng.randrange(1000, 30000) for _ in range(n)])
             for n in (300, 200, 250)]
-    ctx = FusionContext(eng, KVStore([MemoryTier(1 << 30, "cpu")]), "graphs")
-    ref = FullPrefill().build(FusionContext(eng, KVStore([MemoryTier(1 << 30, "cpu")]), "f"),
-                              segs)
+    ask = Segment.text([rng.randrange(1000, 30000) for _ in range(12)])  # the turn's own text
+
+    def fresh_ctx():
+        return FusionContext(eng, KVStore([MemoryTier(1 << 30, "cpu")]), "graphs")
+
+    ref = FullPrefill().build(fresh_ctx(), segs + [ask])
     pre = PrefixReuse()
-    pre.build(ctx, segs)  # stores the segments
-    eager = pre.build(ctx, segs)  # a new shape: eager (the engine's prefill), queued
+    # an agent step: the first two segments cached, the third and the text new (262 rows)
+    ctx = fresh_ctx()
+    pre.build(ctx, segs[:2] + [ask])
+    eager = pre.build(ctx, segs + [ask])  # a new shape: the engine's prefill, and queued
     assert not eager.stats.extra["cuda_graph"] and g.pending
     captures = 0
     while g.capture_pending():
         captures += 1
     assert captures > 1  # its own shape and the speculative next ones
-    replay = pre.build(ctx, segs)
+    ctx = fresh_ctx()
+    pre.build(ctx, segs[:2] + [ask])
+    replay = pre.build(ctx, segs + [ask])  # the same shape again: replayed
     assert replay.stats.extra["cuda_graph"]
     for r in (eager, replay):
         assert r.stats.reused_tokens == 500
@@ -46,7 +53,8 @@ def test_deferred_capture_replays_exactly_and_queues_the_next_shapes():
         # bf16: K/V and logits of a different kernel path agree to bf16 rounding
         assert (r.kv.k.float() - ref.kv.k.float()).abs().max().item() < 0.1
         assert (r.logits.float() - ref.logits.float()).abs().max().item() < 0.15
-    # one longer prompt lands in a speculatively captured bucket: replayed at first sight
-    longer = segs + [Segment.chunk([rng.randrange(1000, 30000) for _ in range(200)])]
-    grown = pre.build(ctx, longer)  # the last segment is the prompt's text: computed
+    # the next step (a longer prompt, a new segment of a similar size) lands in a bucket that
+    # was captured speculatively: replayed at first sight
+    longer = segs + [Segment.chunk([rng.randrange(1000, 30000) for _ in range(200)]), ask]
+    grown = pre.build(ctx, longer)
     assert grown.stats.reused_tokens == 750 and grown.stats.extra["cuda_graph"]

@@ -23,7 +23,7 @@ a request that triggers one waits far longer than its eager loop. Under the serv
 captures queued shapes while it has nothing else to do (``capture_pending``, one per idle
 turn), so the next request of that shape replays. For exact tails (prefix reuse: no selection)
 the neighbouring shapes are queued behind it, synthesised — the next two prompt-length buckets
-(a conversation grows) by this and the next row bucket — so an agent's next step usually finds
+(a conversation grows) by this row bucket and the ones on either side — so an agent's next step usually finds
 its graph already captured.
 """
 
@@ -73,7 +73,7 @@ class _Graph:
 
 class LoopGraphs:
     def __init__(self, engine: Engine, max_graphs: int = 128, max_bytes: int | None = None,
-                 min_uses: int = 2, max_pending: int = 16):
+                 min_uses: int = 2, max_pending: int = 32):
         self.engine = engine
         # captures only in capture_pending (a serving engine's idle time): True while a
         # serving engine over this engine is open (each holds one count), or when set
@@ -257,7 +257,8 @@ class LoopGraphs:
         nb, n0b, _ = key
         if ids is not None and not plan.selections:  # real shape: queue its likely successors
             for nb2 in (bucket(nb + 1, 256), bucket(bucket(nb + 1, 256) + 1, 256)):
-                for r in (n0b, bucket(n0b + 1)):
+                # the new rows vary from step to step: this row bucket and its neighbours
+                for r in (bucket(max(1, n0b - max(64, n0b // 8))), n0b, bucket(n0b + 1)):
                     k2 = (nb2, r, ())
                     if r < nb2 - 1 and k2 not in self.graphs and k2 not in self.pending and \
                             self.seen[k2] >= 0:
