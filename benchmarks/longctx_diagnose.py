@@ -34,7 +34,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
-from benchmarks.longctx import build_haystacks, haystack_paragraphs, segments  # noqa: E402
+from benchmarks.longctx import (  # noqa: E402
+    HAYSTACKS, build_haystacks, haystack_paragraphs, segments,
+)
 from ctxcache.engine import Engine  # noqa: E402
 from ctxcache.engine.rope import rotate_half  # noqa: E402
 from ctxcache.fusion import FusionContext, make_strategy  # noqa: E402
@@ -160,7 +162,7 @@ def main() -> None:
     ap.add_argument("--depths", default="0.25,0.5,0.75")
     ap.add_argument("--per-cell", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--haystack", default="squad")
+    ap.add_argument("--haystack", default="squad", choices=HAYSTACKS)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
