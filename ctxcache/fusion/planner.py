@@ -180,33 +180,36 @@ class Planner:
         # every unproven strategy gets evaluated in turn (random, so none starves)
         return "full", (self._rng.choice(unproven) if unproven else None)
 
-    def _cold(self, ctx: FusionContext, segments: Sequence[Segment]) -> frozenset:
+    @staticmethod
+    def chunk_keys(ctx: FusionContext, segments: Sequence[Segment]) -> list[str]:
+        """Each chunk segment's own content key (no prefix), hashed once per request."""
+        fp = ctx.engine.fingerprint
+        return [chunk_key(fp, s.token_ids) for s in segments
+                if s.role == "chunk" and s.token_ids]
+
+    def _cold(self, keys: list[str]) -> frozenset:
         """Strategies that would run their first-use mode on this prompt (host checks)."""
-        out = set()
-        keys = None
-        for name, st in self.strategies.items():
-            if hasattr(st, "is_cold"):
-                if keys is None:
-                    keys = [chunk_key(ctx.engine.fingerprint, s.token_ids) for s in segments
-                            if s.role == "chunk" and s.token_ids]
-                if st.is_cold(keys):
-                    out.add(name)
-        return frozenset(out)
+        return frozenset(name for name, st in self.strategies.items()
+                         if hasattr(st, "is_cold") and st.is_cold(keys))
 
     @staticmethod
-    def sizes(ctx: FusionContext, segments: Sequence[Segment]) -> tuple[int, int]:
-        """(prompt tokens, tokens of chunks with no cache yet) — host lookups only."""
+    def sizes(ctx: FusionContext, segments: Sequence[Segment],
+              keys: list[str] | None = None) -> tuple[int, int]:
+        """(prompt tokens, tokens of chunks with no cache yet) — host lookups only. ``keys``:
+        the chunks' ``chunk_keys``, when the caller has them already."""
         fp = ctx.engine.fingerprint
         prefix = [t for s in segments if s.role == "prefix" for t in (s.token_ids or [])]
         pkey = chunk_key(fp, prefix) if prefix else None
+        own = iter(keys if keys is not None else Planner.chunk_keys(ctx, segments))
         n = missing = 0
         for s in segments:
             k = len(s.token_ids or [])
             n += k
             if s.role == "chunk" and s.token_ids:
+                plain = next(own)
                 if not (pkey and ctx.store.contains(chunk_key(fp, s.token_ids, pkey),
                                                     ctx.namespace)) and \
-                        not ctx.store.contains(chunk_key(fp, s.token_ids), ctx.namespace):
+                        not ctx.store.contains(plain, ctx.namespace):
                     missing += k
         return n, missing
 
@@ -215,10 +218,13 @@ class Planner:
             ) -> FusionResult:
         """Build with the chosen strategy; ``recompute_ratio`` overrides the ratio of a
         strategy that has one (full prefill, if chosen, recomputes everything anyway)."""
-        sizes = self.sizes(ctx, segments) if (self.cost_model is not None or
-                                               self.judge is not None or
-                                               self.long_context is not None) else None
-        cold = self._cold(ctx, segments) if self.cost_model is not None else frozenset()
+        keys = self.chunk_keys(ctx, segments) if (self.cost_model is not None or
+                                                   self.judge is not None or
+                                                   self.long_context is not None) else None
+        sizes = self.sizes(ctx, segments, keys) if keys is not None else None
+        # the cold check matters only where the planner picks (a named strategy is served)
+        cold = self._cold(keys) if self.cost_model is not None and \
+            requested in (None, "auto") else frozenset()
         name, shadow = self.choose(requested, sizes, cold, route=recompute_ratio is None)
         strategy = self.strategies[name]
         if recompute_ratio is not None and strategy.ratio_attr is not None:
