@@ -83,6 +83,20 @@ class Backend(ABC):
         pass
 
 
+def conversation_as_chunks(segs: list[Segment]) -> list[Segment]:
+    """A templated conversation laid out for a position-independent reuse strategy: the first
+    message (the system prompt, with the tools) is the exact prefix, every later message a
+    chunk — keyed by its own tokens, so another agent's request with *another* system prompt
+    reuses the messages it shares — and the last message with the generation prompt is the
+    text computed for the answer. Prefix reuse (the default) needs no such layout: it is exact
+    only up to the first message that differs."""
+    if len(segs) < 2:
+        return [Segment.text(segs[0].token_ids)] if segs else []
+    return ([Segment.prefix(segs[0].token_ids)]
+            + [Segment.chunk(s.token_ids) for s in segs[1:-1]]
+            + [Segment.text(segs[-1].token_ids)])
+
+
 class EmbeddedBackend(Backend):
     """Our engine: chat and text prompts reuse their cached prefix (exact), RAG and agent
     prompts go through the planner's reuse strategies over the chunk KV store.
@@ -130,7 +144,9 @@ class EmbeddedBackend(Backend):
         elif req.messages is not None:
             segs = self._segments_for_chat(template_messages(req.messages),
                                            req.tools.rendered() if req.tools else None)
-            strategy = "prefix"
+            strategy = req.strategy or "prefix"
+            if strategy != "prefix":
+                segs = conversation_as_chunks(segs)
         elif req.text is not None:
             e.check_prompt_chars(len(req.text))
             segs = [Segment.chunk(e.encode(req.text))]
@@ -295,6 +311,10 @@ class SGLangBackend(Backend):
     def check(self, req: GenRequest) -> None:
         if req.tools is not None and req.messages is None and req.tools.choice != "none":
             raise InvalidInputError("tools are only supported with chat messages")
+        if req.strategy is not None:
+            raise InvalidInputError("strategy picks a reuse strategy of the embedded engine; "
+                                    "the SGLang backend reuses prefixes with its own radix "
+                                    "cache", param="strategy")
 
     def _generate_text(self, text: str, req: GenRequest) -> GenStream:
         info: dict = {"strategy": "sglang"}

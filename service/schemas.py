@@ -158,7 +158,10 @@ class ChatCompletionRequest(SamplingFields):
         description="ingested documents to answer from: their chunk K/V is reused")
     passages: list[str] = Field(default_factory=list, max_length=64,
                                 description="passages to answer from (cached as chunks)")
-    strategy: str | None = Field(None, description="reuse strategy for documents/passages")
+    strategy: str | None = Field(
+        None, description="reuse strategy: for documents/passages, or for the conversation "
+                          "itself (a non-prefix strategy reuses its messages under another "
+                          "system prompt; default: exact prefix reuse)")
 
     @model_validator(mode="after")
     def _no_ignored_fields(self):

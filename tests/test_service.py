@@ -298,6 +298,39 @@ def test_agent_session_reuses_messages(gw_open):
     assert httpx.get(u + "/v1/agents/sessions/unknown").status_code == 404
 
 
+def test_agents_share_a_conversation_under_other_system_prompts(gw_open):
+    """Two agents with different instructions over one conversation: prefix reuse stops at the
+    system prompt, a position-independent strategy (``strategy``, honoured on plain chats)
+    reuses the shared messages' K/V."""
+    c = oa(gw_open.url)
+    shared = [
+        {"role": "user", "content": "We are planning a three-day trip to Japan in April. "
+                                    "Budget: 2,000 dollars. Interests: food and temples."},
+        {"role": "assistant", "content": "Day 1 Tokyo (Tsukiji, Senso-ji). Day 2 Kyoto "
+                                         "(Fushimi Inari, Nishiki market). Day 3 Nara."},
+        {"role": "user", "content": "Give your verdict on this plan in one sentence."}]
+
+    def ask(system, tenant_tag, strategy=None):
+        extra = {"strategy": strategy} if strategy else {}
+        r = c.chat.completions.create(
+            model=MODEL, max_tokens=12, temperature=0, user=tenant_tag,
+            messages=[{"role": "system", "content": system}] + shared,
+            extra_body={"cache": False, **extra})
+        assert r.choices[0].message.content
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    # prefix reuse (the default): the second agent's system prompt differs, nothing reused
+    ask("You are the planner. Be concrete.", "p")
+    assert ask("You are the critic. Point out risks.", "p") == 0
+    # CacheBlend over the conversation's messages: the critic reuses the planner's
+    ask("You are the planner, version two. Be concrete.", "b", "cacheblend")
+    cached = ask("You are the critic, version two. Point out risks.", "b", "cacheblend")
+    assert cached > 0
+    bad = httpx.post(gw_open.url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": shared, "strategy": "no-such"}, timeout=60)
+    assert bad.status_code == 400 and "strategy" in bad.text
+
+
 def test_metrics_health_ready(gw_open):
     m = httpx.get(gw_open.url + "/metrics").text
     assert "ctxcache_semantic_hits_total" in m and "ctxcache_ttft_seconds_bucket" in m

@@ -56,7 +56,9 @@ async def chat(body: ChatCompletionRequest, request: Request,
                              system=json.dumps(body.stop) + answer_format(body))
     call = Call("chat", body.model, t.name, last_user, fp, body.category,
                 "/v1/chat/completions", body.cache and not body.tools)
-    req = GenRequest(params, t.name, messages=messages, tools=tools, schema=schema)
+    check_strategy(gw, body.strategy)
+    req = GenRequest(params, t.name, messages=messages, tools=tools, schema=schema,
+                     strategy=body.strategy)
     return await serve(gw, request, req, call, stream=body.stream)
 
 
