@@ -423,3 +423,18 @@ def test_pinned_pool_reuses_merges_and_bounds_memory():
     again = pool.alloc(2 * need)  # the two released neighbours merge into one free range
     assert again is not None and again.slab == 0 and again.offset == 0
     assert pool.stats()["slabs"] == 2
+
+
+def test_a_span_stored_after_a_prefix_is_found_by_its_own_tokens():
+    """``variant_of``: the content key of a span leads to the entry that holds it encoded
+    after some prefix (per namespace), while that entry is still held."""
+    store = KVStore([MemoryTier(1 << 24)])
+    ids = ids_for(12, seed=3)
+    plain = store.key_for(MODEL, ids)
+    assert store.variant_of(plain, "t1") is None
+    key = store.put(make_kv(12), ids, model=MODEL, namespace="t1", prefix_key="p" * 32)
+    assert key != plain and store.variant_of(plain, "t1") == key
+    assert store.variant_of(plain, "t2") is None  # another tenant does not see it
+    assert store.get(key, "t1") is not None
+    store.delete(key, "t1")
+    assert store.variant_of(plain, "t1") is None

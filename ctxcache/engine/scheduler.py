@@ -390,7 +390,7 @@ class ServingEngine:
         ids = list(res.token_ids or [])
         st = res.stats
         s.handle.info.update({"prompt_tokens": st.prompt_tokens or n,
-                              "cached_tokens": st.reused_tokens, "strategy": st.strategy,
+                              "cached_tokens": st.cached_tokens, "strategy": st.strategy,
                               "stats": st.as_dict()})
         if n + p.max_tokens > self.capacity_tokens:
             raise InvalidInputError(f"prompt of {n} tokens + max_tokens {p.max_tokens} needs "

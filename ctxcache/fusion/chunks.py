@@ -121,15 +121,11 @@ def chunk_kv(ctx: FusionContext, ids, stats: FusionStats, *,
     """
     engine = ctx.engine
     key = chunk_key(engine.fingerprint, ids, prefix_key)
-    # raw entries stay where their tier keeps them (assembly reads them in place); compressed
-    # ones are decoded on the engine's device
-    device = None if ctx.store.codec == "raw" else engine.device
-    entry = ctx.store.get(key, ctx.namespace, device=device)
-    if entry is not None and entry.meta.model == engine.fingerprint:
-        stats.chunk_hits += 1
-        kv = entry.kv
-        return key, kv if kv.k.dtype == engine.dtype else kv.to(dtype=engine.dtype)
+    kv = stored_kv(ctx, key, len(ids), stats)
+    if kv is not None:
+        return key, kv
     stats.chunk_misses += 1
+    stats.hit_tokens = stats.hit_tokens or 0
     out = engine.prefill(ids, kv=prefix, logits="none")
     n_past = prefix.num_tokens if prefix is not None else 0
     out.kv.first_position = n_past
@@ -139,6 +135,21 @@ def chunk_kv(ctx: FusionContext, ids, stats: FusionStats, *,
         ctx.store.put_later(out.kv, ids, model=engine.fingerprint, namespace=ctx.namespace,
                             prefix_key=prefix_key, recompute_cost=cost)
     return key, out.kv
+
+
+def stored_kv(ctx: FusionContext, key: str, n: int, stats: FusionStats) -> KVCache | None:
+    """The store's K/V of ``key`` (counted as a hit of ``n`` tokens), or None."""
+    engine = ctx.engine
+    # raw entries stay where their tier keeps them (assembly reads them in place); compressed
+    # ones are decoded on the engine's device
+    device = None if ctx.store.codec == "raw" else engine.device
+    entry = ctx.store.get(key, ctx.namespace, device=device)
+    if entry is None or entry.meta.model != engine.fingerprint:
+        return None
+    stats.chunk_hits += 1
+    stats.hit_tokens = (stats.hit_tokens or 0) + n
+    kv = entry.kv
+    return kv if kv.k.dtype == engine.dtype else kv.to(dtype=engine.dtype)
 
 
 @dataclass
@@ -174,12 +185,20 @@ def load_chunk(ctx: FusionContext, piece: Piece, prefix: PrefixState, stats: Fus
     """
     engine = ctx.engine
     ids = piece.arr
-    if prefix.kv is not None:
-        ckey = chunk_key(engine.fingerprint, ids, prefix.key)
-        if not ctx.store.contains(ckey, ctx.namespace) and ctx.store.contains(
-                piece.key, ctx.namespace):
+    ckey = chunk_key(engine.fingerprint, ids, prefix.key) if prefix.kv is not None \
+        else piece.key
+    if not ctx.store.contains(ckey, ctx.namespace):
+        if prefix.kv is not None and ctx.store.contains(piece.key, ctx.namespace):
             stats.extra["unconditioned_chunks"] = stats.extra.get("unconditioned_chunks", 0) + 1
             return chunk_kv(ctx, ids, stats)[1]
+        # encoded after another prefix (a document ingested under another system prompt, a
+        # message another agent sent): placed and repaired like any cached chunk
+        other = ctx.store.variant_of(piece.key, ctx.namespace)
+        kv = stored_kv(ctx, other, len(ids), stats) if other is not None else None
+        if kv is not None:
+            stats.extra["other_prefix_chunks"] = stats.extra.get("other_prefix_chunks", 0) + 1
+            return kv
+    if prefix.kv is not None:
         return chunk_kv(ctx, ids, stats, prefix=prefix.kv, prefix_key=prefix.key)[1]
     return chunk_kv(ctx, ids, stats)[1]
 

@@ -69,10 +69,22 @@ class FusionStats:
     total_token_layers: int = 0  # prompt_tokens × layers (what full prefill computes)
     chunk_hits: int = 0
     chunk_misses: int = 0  # chunk caches built on the fly (and stored)
+    hit_tokens: int | None = None  # tokens of spans found in the store (chunk strategies)
     flops: float = 0.0
     full_flops: float = 0.0
     phases: dict = field(default_factory=dict)  # seconds per phase
     extra: dict = field(default_factory=dict)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from a cache, as a client's usage reports them. ``reused_tokens``
+        also counts the tokens of chunks encoded on the fly for this very prompt (their K/V
+        comes from a separate chunk encoding); those were not in any cache. Reused tokens of
+        spans the store had are at most both counts (an upper bound: which reused rows belong to
+        hits is not tracked)."""
+        if self.hit_tokens is None:
+            return self.reused_tokens
+        return min(self.reused_tokens, self.hit_tokens)
 
     @property
     def compute_fraction(self) -> float:
@@ -81,7 +93,8 @@ class FusionStats:
     def as_dict(self) -> dict:
         return {
             "strategy": self.strategy, "prompt_tokens": self.prompt_tokens,
-            "reused_tokens": self.reused_tokens, "recomputed_tokens": self.recomputed_tokens,
+            "reused_tokens": self.reused_tokens, "cached_tokens": self.cached_tokens,
+            "recomputed_tokens": self.recomputed_tokens,
             "computed_token_layers": self.computed_token_layers,
             "total_token_layers": self.total_token_layers, "chunk_hits": self.chunk_hits,
             "chunk_misses": self.chunk_misses, "flops": self.flops, "full_flops": self.full_flops,

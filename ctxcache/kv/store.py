@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -82,6 +83,10 @@ class KVStore(WriteBehind):
         self._pool = ThreadPoolExecutor(max_workers=prefetch_workers,
                                         thread_name_prefix="kv-prefetch")
         self._pending: dict[str, Future] = {}  # write-behind puts not yet visible in a tier
+        # "<ns>/<content key>" → the key of the same tokens stored encoded after a prefix
+        # (newest), so a prompt with another prefix still finds them (in memory: a hint)
+        self._variants: OrderedDict[str, str] = OrderedDict()
+        self.max_variants = 1 << 18
         # its own thread: a prefetch waiting on a pending write must never block that write
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-writer")
         self.counters = {"puts": 0, "rejected": 0, "hits": 0, "misses": 0, "corrupt": 0,
@@ -209,7 +214,26 @@ class KVStore(WriteBehind):
                          prefix_key=prefix_key, public=public, extra=extra or {},
                          first_position=int(kv.positions[0]) if kv.num_tokens else 0)
         self._store(f"{ns}/{key}", StoredEntry.encode(meta, kv, ids, stats))
+        if prefix_key is not None:
+            plain = f"{ns}/{self.key_for(model, ids)}"
+            with self._lock:
+                self._variants[plain] = key
+                self._variants.move_to_end(plain)
+                while len(self._variants) > self.max_variants:
+                    self._variants.popitem(last=False)
         return key
+
+    def variant_of(self, key: str, namespace: str = "default") -> str | None:
+        """The key under which the tokens of content key ``key`` are stored encoded after some
+        prefix (the newest such entry still held), or None. A chunk ingested after one system
+        prompt is then found by a prompt with another: position-independent strategies place
+        and repair it like any other cached chunk."""
+        with self._lock:
+            for ns in (namespace, PUBLIC_NAMESPACE):
+                v = self._variants.get(f"{ns}/{key}")
+                if v is not None and any(f"{ns}/{v}" in st.sizes for st in self.tiers):
+                    return v
+        return None
 
     def _store(self, skey: str, entry: StoredEntry) -> bool:
         """Top tier (+ persistent tiers when writing through); else the first that takes it."""

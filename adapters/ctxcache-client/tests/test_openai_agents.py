@@ -93,3 +93,37 @@ def test_team_shares_document_context_through_chunk_reuse(qwen_url):
     for res in (a, b):  # both agents' prompts reused the document's chunk K/V
         details = res.context_wrapper.usage.input_tokens_details
         assert details.cached_tokens > 0, details
+
+
+def test_agents_with_other_instructions_share_the_conversation(qwen_url):
+    """A planner and a reviewer with different instructions: the reviewer receives the
+    planner's conversation. With ``extra_body={"strategy": "cacheblend"}`` on both agents each
+    message after the system prompt is cached by its own tokens, so the reviewer's request
+    reuses the K/V of the messages the planner's requests computed (reported as cached input
+    tokens); prefix reuse alone would stop at the differing system prompt."""
+    agents.set_tracing_disabled(True)
+    model = agents.OpenAIChatCompletionsModel(
+        model=QWEN, openai_client=AsyncOpenAI(base_url=qwen_url + "/v1", api_key="none"))
+    shared = agents.ModelSettings(temperature=0, max_tokens=40,
+                                  extra_body={"strategy": "cacheblend"})
+    planner = agents.Agent(name="planner", model=model, model_settings=shared,
+                           instructions="You plan trips. Answer with a short day-by-day plan.")
+    reviewer = agents.Agent(name="reviewer", model=model, model_settings=shared,
+                            instructions="You review travel plans. Reply with one sentence.")
+    brief = ("Plan two days in Kyoto for a visitor who likes temples and food. The visitor "
+             "arrives by train on Saturday morning and leaves on Sunday evening.")
+
+    async def run():
+        p1 = await agents.Runner.run(planner, brief)
+        p2 = await agents.Runner.run(  # the planner's second turn resends the first
+            planner, p1.to_input_list() + [{"role": "user", "content": "Make it shorter."}])
+        r = await agents.Runner.run(
+            reviewer, p2.to_input_list() + [{"role": "user", "content": "Is it realistic?"}])
+        return p1, p2, r
+
+    p1, p2, r = asyncio.run(asyncio.wait_for(run(), 600))
+    assert p1.final_output and p2.final_output and r.final_output
+    cached = [x.context_wrapper.usage.input_tokens_details.cached_tokens for x in (p1, p2, r)]
+    # the brief and the first plan, cached by the planner's second turn, are found under the
+    # reviewer's own system prompt
+    assert cached[2] > cached[0] + 20, cached
