@@ -255,6 +255,20 @@ def _on_device(t: Tensor, device: torch.device) -> bool:
     return t.device == device or (t.device.type == device.type and device.type != "cuda")
 
 
+def with_room(engine, k: Tensor, v: Tensor, extra: int) -> KVCache:
+    """A copy of K/V rows [L, Hkv, n, D] in a new buffer with ``extra`` free slots after them
+    (positions 0..n+extra-1), so decoding continues in place."""
+    n = k.shape[2]
+    s = engine.spec
+    cap = n + max(0, int(extra))
+    K = torch.empty(s.num_layers, s.num_kv_heads, cap, s.head_dim, dtype=engine.dtype,
+                    device=engine.device)
+    V = torch.empty_like(K)
+    K[:, :, :n].copy_(k)
+    V[:, :, :n].copy_(v)
+    return KVCache(K, V, torch.arange(cap, device=engine.device))
+
+
 def assemble(ctx: FusionContext, n: int, sources: Sequence[Source],
              positions: Tensor | None = None) -> Assembled:
     """The prompt's K/V in one buffer with ``ctx.reserve_tokens`` of room after it: cached

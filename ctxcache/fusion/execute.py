@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.runner import ContextGroup
-from ctxcache.fusion.chunks import Source, assemble
+from ctxcache.fusion.chunks import Source, assemble, with_room
 from ctxcache.fusion.graphs import LoopGraphs, loop_graphs
 from ctxcache.fusion.selective import (
     SelectiveOutput, SelectivePlan, loop_flops, selective_prefill,
@@ -91,23 +91,12 @@ def _tail_prefill(ctx: FusionContext, ids, sources: list[Source], plan: Selectiv
             storage.k[:, :, n_past:n].copy_(out.kv.k)
             storage.v[:, :, n_past:n].copy_(out.kv.v)
         else:
-            storage = out.kv if ctx.reserve_tokens <= 0 else _with_room(engine, out.kv,
-                                                                       ctx.reserve_tokens)
+            storage = out.kv if ctx.reserve_tokens <= 0 else with_room(
+                engine, out.kv.k, out.kv.v, ctx.reserve_tokens)
     flops, computed = loop_flops(engine, plan)
-    kv = KVCache(storage.k[:, :, :n], storage.v[:, :, :n], storage.positions[:n])
+    kv = storage.slice(0, n)
     rows = torch.arange(n_past, n, device=engine.device)
     return Executed(SelectiveOutput(kv, out.logits[-1], computed, flops, rows), storage, False)
-
-
-def _with_room(engine, kv: KVCache, extra: int) -> KVCache:
-    n = kv.num_tokens
-    s = engine.spec
-    K = torch.empty(s.num_layers, s.num_kv_heads, n + extra, s.head_dim, dtype=engine.dtype,
-                    device=engine.device)
-    V = torch.empty_like(K)
-    K[:, :, :n].copy_(kv.k)
-    V[:, :, :n].copy_(kv.v)
-    return KVCache(K, V, torch.arange(n + extra, device=engine.device))
 
 
 def graph_stats(engine) -> dict:

@@ -23,8 +23,8 @@ a request that triggers one waits far longer than its eager loop. Under the serv
 captures queued shapes while it has nothing else to do (``capture_pending``, one per idle
 turn), so the next request of that shape replays. For exact tails (prefix reuse: no selection)
 the neighbouring shapes are queued behind it, synthesised — the next two prompt-length buckets
-(a conversation grows) by this row bucket and the ones on either side — so an agent's next step usually finds
-its graph already captured.
+(a conversation grows) by this row bucket and the ones on either side — so an agent's next
+step usually finds its graph already captured.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from torch import Tensor
 
 from ctxcache.engine.kvcache import KVCache
 from ctxcache.engine.runner import Engine, upload
-from ctxcache.fusion.chunks import Source, _assemble_triton, device_resident, readable_in_place
+from ctxcache.fusion.chunks import (
+    Source, _assemble_triton, device_resident, readable_in_place, with_room,
+)
 from ctxcache.fusion.selective import (
     LoopInputs, LoopResult, SelectiveOutput, SelectivePlan, loop_flops, run_loop,
 )
@@ -182,18 +184,11 @@ class LoopGraphs:
                 self.stats["replays"] += 1
                 res = g.out
             logits = res.logits.clone()
-            s = engine.spec
-            cap = n + max(0, int(ctx.reserve_tokens))
-            K = torch.empty(s.num_layers, s.num_kv_heads, cap, s.head_dim, dtype=engine.dtype,
-                            device=engine.device)
-            V = torch.empty_like(K)
-            K[:, :, :n].copy_(static.K[:, :, :n])
-            V[:, :, :n].copy_(static.V[:, :, :n])
+            storage = with_room(engine, static.K[:, :, :n], static.V[:, :, :n],
+                                ctx.reserve_tokens)
         flops, computed = loop_flops(engine, plan)
-        pos = torch.arange(cap, device=engine.device)
-        out = SelectiveOutput(KVCache(K[:, :, :n], V[:, :, :n], pos[:n]), logits, computed,
-                              flops, res.rows.clone())
-        return out, KVCache(K, V, pos)
+        out = SelectiveOutput(storage.slice(0, n), logits, computed, flops, res.rows.clone())
+        return out, storage
 
     @staticmethod
     def _host_inputs(ids, plan: SelectivePlan, n: int, nb: int, n0b: int) -> np.ndarray:
@@ -256,7 +251,8 @@ class LoopGraphs:
             return True
         nb, n0b, _ = key
         if ids is not None and not plan.selections:  # real shape: queue its likely successors
-            for nb2 in (bucket(nb + 1, 256), bucket(bucket(nb + 1, 256) + 1, 256)):
+            next1 = bucket(nb + 1, 256)
+            for nb2 in (next1, bucket(next1 + 1, 256)):
                 # the new rows vary from step to step: this row bucket and its neighbours
                 for r in (bucket(max(1, n0b - max(64, n0b // 8))), n0b, bucket(n0b + 1)):
                     k2 = (nb2, r, ())
